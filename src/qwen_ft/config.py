@@ -1,0 +1,319 @@
+"""Typed configuration: one dataclass per command, presets by model size, precedence, validation.
+
+Precedence (lowest first): dataclass defaults < model-size preset < YAML file < environment < CLI flags.
+Every field carries its help text and CLI flag once, in its metadata; the parser is generated from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qwen_ft.errors import Problems, UserError
+
+
+def arg(default: Any, help: str, flag: str | None = None, choices: tuple | None = None, **kw):
+    meta = {"help": help, "flag": flag, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class ModelArgs:
+    model: str = arg("smollm2-135m", "Hub id, local folder, or 'smollm2-135m' (the embedded default).", "--model")
+    trust_remote_code: bool = arg(False, "Allow model code from the hub (off unless asked).", "--trust-remote-code")
+    precision: str = arg(
+        "auto",
+        "Compute dtype: auto (bf16 where the device supports it, else fp32), fp32, bf16, fp16.",
+        "--precision",
+        ("auto", "fp32", "bf16", "fp16"),
+    )
+    attn_implementation: str | None = arg(None, "Attention kernel (sdpa, eager, flash_attention_2).", "--attn-implementation")
+    gradient_checkpointing: bool = arg(False, "Recompute activations in backward (less memory, ~20% slower).", "--gradient-checkpointing")
+    max_length: int = arg(512, "Longest prompt+answer in tokens; longer questions are truncated (never the instruction or answer).", "--max-length")
+
+
+@dataclass
+class DataArgs:
+    data: str = arg("demo", "'demo', 'demo-mc', a hub id, or a local .jsonl/.json/.csv/.parquet file.", "--data")
+    task: str = arg("auto", "category (text -> label) or multiple_choice (question + choices -> letter).", "--task",
+                    ("auto", "category", "multiple_choice"))
+    hub_split: str | None = arg(None, "Split to read from a hub data set (default: train, else test).", "--hub-split")
+    text_column: str | None = arg(None, "Column holding the text (default: question/text/...).", "--text-column")
+    label_column: str | None = arg(None, "Column holding the label (default: category/label/...).", "--label-column")
+    max_samples_per_category: int | None = arg(None, "Sample at most this many rows per label (seeded).", "--max-samples-per-category")
+    max_samples: int | None = arg(None, "Sample at most this many rows in all (seeded, after per-label sampling).", "--max-samples")
+    validation_data: str | None = arg(None, "Separate validation source; then --data is split only into train/test.", "--validation-data")
+    max_validation_samples: int | None = arg(None, "Use at most this many validation rows (seeded sample).", "--max-validation-samples")
+    val_fraction: float = arg(0.2, "Fraction of rows for validation.", "--val-fraction")
+    test_fraction: float = arg(0.2, "Fraction of rows for test.", "--test-fraction")
+    instruction: str | None = arg(None, "System instruction; {labels} is replaced by the label list.", "--instruction")
+    question_template: str | None = arg(None, "User message; {question} (and {choices} for multiple choice).", "--question-template")
+
+
+@dataclass
+class LoraArgs:
+    rank: int | None = arg(None, "LoRA rank (default: size preset).", "--lora-rank")
+    alpha: float | None = arg(None, "LoRA alpha (default: size preset, 2 x rank).", "--lora-alpha")
+    dropout: float | None = arg(None, "LoRA dropout (default: size preset).", "--lora-dropout")
+    target_modules: list[str] | None = arg(None, "Modules to adapt (default: q,k,v,o,gate,up,down projections).", "--lora-target-modules")
+
+
+@dataclass
+class OptimArgs:
+    optimizer: str = arg("adamw", "Optimizer from the registry (adamw, sgd, adabound, ...).", "--optimizer")
+    learning_rate: float | None = arg(None, "Peak learning rate (default: preset for adamw, the optimizer's own otherwise).", "--learning-rate")
+    weight_decay: float = arg(0.01, "Weight decay.", "--weight-decay")
+    warmup_ratio: float = arg(0.1, "Fraction of steps for linear warm-up.", "--warmup-ratio")
+    max_grad_norm: float = arg(1.0, "Gradient clipping norm (0 disables).", "--max-grad-norm")
+    lr_scheduler: str = arg("cosine", "Learning-rate schedule (transformers name: cosine, linear, constant...).", "--lr-scheduler")
+    kwargs: dict = arg({}, "Extra optimizer keyword arguments (YAML only); unknown ones are an error.")
+
+
+@dataclass
+class TrainArgs:
+    epochs: int | None = arg(None, "Training epochs (default: size preset).", "--epochs")
+    batch_size: int | None = arg(None, "Per-device batch size (default: size preset).", "--batch-size")
+    eval_batch_size: int | None = arg(None, "Per-device batch size for validation loss (default: 2 x batch).", "--eval-batch-size")
+    grad_accum: int = arg(1, "Gradient accumulation steps.", "--grad-accum")
+    early_stopping_patience: int = arg(2, "Stop after this many epochs without a better val loss (0: off).", "--early-stopping-patience")
+    seed: int = arg(42, "Seed for sampling, splitting, LoRA init and data order.", "--seed")
+    output_dir: str | None = arg(None, "Run folder (default: runs/<model>-<data>).", "--output-dir")
+    gpu_id: int | None = arg(None, "Use this GPU in a single-process run (torchrun: LOCAL_RANK decides).", "--gpu-id")
+    save_steps: int | None = arg(None, "Also checkpoint every N optimizer steps (always at each epoch end).", "--save-steps")
+    max_steps: int | None = arg(None, "Stop after N optimizer steps (overrides epochs for the schedule).", "--max-steps")
+    logging_steps: int = arg(1, "Log train loss every N steps.", "--logging-steps")
+    torch_compile: bool = arg(False, "Compile the model with torch.compile.", "--torch-compile")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> TrainConfig:
+        return build(cls, d, where)
+
+    def validate(self) -> None:
+        p = Problems()
+        lo, tr, op, da, mo = self.lora, self.train, self.optim, self.data, self.model
+        p.check(lo.rank is None or lo.rank > 0, f"--lora-rank must be > 0 (got {lo.rank})")
+        p.check(lo.alpha is None or lo.alpha > 0, f"--lora-alpha must be > 0 (got {lo.alpha})")
+        p.check(lo.dropout is None or 0 <= lo.dropout < 1, f"--lora-dropout must be in [0, 1) (got {lo.dropout})")
+        p.check(op.learning_rate is None or op.learning_rate > 0, f"--learning-rate must be > 0 (got {op.learning_rate})")
+        p.check(op.weight_decay >= 0, f"--weight-decay must be >= 0 (got {op.weight_decay})")
+        p.check(0 <= op.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1) (got {op.warmup_ratio})")
+        p.check(op.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (got {op.max_grad_norm})")
+        p.check(tr.epochs is None or tr.epochs > 0, f"--epochs must be > 0 (got {tr.epochs})")
+        p.check(tr.batch_size is None or tr.batch_size > 0, f"--batch-size must be > 0 (got {tr.batch_size})")
+        p.check(tr.eval_batch_size is None or tr.eval_batch_size > 0, f"--eval-batch-size must be > 0 (got {tr.eval_batch_size})")
+        p.check(tr.grad_accum > 0, f"--grad-accum must be > 0 (got {tr.grad_accum})")
+        p.check(tr.early_stopping_patience >= 0, f"--early-stopping-patience must be >= 0 (got {tr.early_stopping_patience})")
+        p.check(tr.max_steps is None or tr.max_steps > 0, f"--max-steps must be > 0 (got {tr.max_steps})")
+        p.check(tr.save_steps is None or tr.save_steps > 0, f"--save-steps must be > 0 (got {tr.save_steps})")
+        p.check(tr.logging_steps > 0, f"--logging-steps must be > 0 (got {tr.logging_steps})")
+        p.check(mo.max_length >= 32, f"--max-length must be >= 32 (got {mo.max_length})")
+        for name in ("max_samples_per_category", "max_samples", "max_validation_samples"):
+            v = getattr(da, name)
+            p.check(v is None or v > 0, f"--{name.replace('_', '-')} must be > 0 (got {v})")
+        p.check(0 < da.val_fraction < 1, f"--val-fraction must be in (0, 1) (got {da.val_fraction})")
+        p.check(0 <= da.test_fraction < 1, f"--test-fraction must be in [0, 1) (got {da.test_fraction})")
+        p.check(da.val_fraction + da.test_fraction < 0.9, "--val-fraction + --test-fraction must leave >= 10% for training")
+        p.check(tr.gpu_id is None or tr.gpu_id >= 0, f"--gpu-id must be >= 0 (got {tr.gpu_id})")
+        p.raise_if_any()
+
+
+# ----------------------------------------------------------------------------- presets
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    max_params: float
+    values: dict
+
+
+# From the seed guide's table (0.6B / 1.7B / 7B+); the "tiny" row is ours, for sub-0.5B models on CPU:
+# lora_dropout 0 because dropout costs ~50% of CPU training speed and such short runs do not overfit.
+PRESETS = [
+    Preset("tiny (<0.3B)", 0.3e9, {"lora.rank": 16, "lora.alpha": 32, "lora.dropout": 0.0,
+                                   "optim.learning_rate": 5e-4, "train.batch_size": 8, "train.epochs": 3}),
+    Preset("0.6B (<1.2B)", 1.2e9, {"lora.rank": 16, "lora.alpha": 32, "lora.dropout": 0.05,
+                                   "optim.learning_rate": 3e-4, "train.batch_size": 8, "train.epochs": 5}),
+    Preset("1.7B (<5B)", 5e9, {"lora.rank": 16, "lora.alpha": 32, "lora.dropout": 0.1,
+                               "optim.learning_rate": 2e-4, "train.batch_size": 16, "train.epochs": 5}),
+    Preset("7B+", float("inf"), {"lora.rank": 32, "lora.alpha": 64, "lora.dropout": 0.1,
+                                 "optim.learning_rate": 1e-4, "train.batch_size": 4, "train.epochs": 3}),
+]
+
+
+def preset_for(n_params: int) -> Preset:
+    return next(p for p in PRESETS if n_params < p.max_params)
+
+
+# ----------------------------------------------------------------------------- building
+
+def _sections(cls) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise UserError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        try:
+            out = tp(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            out = None
+        if out is None or (tp is int and isinstance(value, float) and not value.is_integer()):
+            raise UserError(f"{where}: expected a number ({tp.__name__}), got {value!r}")
+        return out
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise UserError(f"{where}: expected text, got {value!r}")
+        return str(value)
+    if origin is list or tp is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        return [str(v) for v in value]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def build(cls, data: dict, where: str = "config"):
+    """Build a (nested) config dataclass from a nested dict, rejecting unknown keys with a suggestion."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = _sections(cls)
+    p = Problems()
+    for key in data:
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), list(hints), n=1)
+            p.add(f"{where}: unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else
+                                                    f" (known: {', '.join(hints)})"))
+    p.raise_if_any()
+    kwargs = {}
+    for name, tp in hints.items():
+        if name not in data:
+            continue
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = build(tp, data[name], f"{where}.{name}")
+        else:
+            kwargs[name] = _coerce(data[name], tp, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "kwargs":
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+    out: dict = {}
+    for key, v in flat.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = v
+    return out
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}", "Pass an existing YAML file to --config.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections (model:, data:, lora:, optim:, train:)")
+    return data
+
+
+ENV_OVERRIDES = {  # the study seed's environment overrides
+    "TRAIN_BATCH_SIZE": "train.batch_size",
+    "GRAD_ACCUM_STEPS": "train.grad_accum",
+    "USE_BF16": "model.precision",
+    "USE_FLASH_ATTN": "model.attn_implementation",
+}
+
+
+def env_overrides(env: dict | None = None) -> dict[str, Any]:
+    env = os.environ if env is None else env
+    out: dict[str, Any] = {}
+    for var, key in ENV_OVERRIDES.items():
+        if var not in env or env[var] == "":
+            continue
+        value = env[var]
+        if var == "USE_BF16":
+            out[key] = "bf16" if _coerce(value, bool, var) else "fp32"
+        elif var == "USE_FLASH_ATTN":
+            if _coerce(value, bool, var):
+                out[key] = "flash_attention_2"
+        else:
+            out[key] = value
+    return out
+
+
+def resolve(cls, layers: list[dict[str, Any]], where: str = "config"):
+    """Merge flat dotted-key layers (lowest precedence first) on top of the defaults and validate."""
+    merged = flatten(dataclasses.asdict(cls()))
+    for layer in layers:
+        merged.update({k: v for k, v in layer.items()})
+    cfg = build(cls, unflatten(merged), where)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def save_yaml(obj, path: Path) -> None:
+    data = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def config_hash(obj) -> str:
+    import hashlib
+    import json
+
+    data = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

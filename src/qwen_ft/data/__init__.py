@@ -1,0 +1,1 @@
+"""Data sources (hub / local file / bundled demo), sampling and seeded splits."""

@@ -1,0 +1,94 @@
+"""Read raw records from a hub id, a local file, or the bundled demo sets.
+
+Local files are read with pandas (fast, no cache folder); hub ids with `datasets`.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+from qwen_ft.errors import UserError
+
+DEMOS = {"demo": "demo_category.jsonl", "demo-mc": "demo_mc.jsonl"}
+FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def demo_path(name: str) -> Path:
+    return Path(str(resources.files("qwen_ft.data").joinpath(DEMOS[name])))
+
+
+def describe(source: str) -> str:
+    return f"bundled demo '{source}'" if source in DEMOS else source
+
+
+def read_records(source: str, hub_split: str | None = None) -> list[dict]:
+    """Raw records (list of dicts) from `source`; a clear UserError for anything unreadable."""
+    if source in DEMOS:
+        return _read_file(demo_path(source))
+    path = Path(source).expanduser()
+    if path.exists():
+        if path.is_dir():
+            raise UserError(f"data source {source} is a folder; pass a .jsonl, .json, .csv or .parquet file")
+        return _read_file(path)
+    looks_local = source.startswith((".", "/", "~")) or Path(source).suffix.lower() in FORMATS
+    if looks_local or source.count("/") != 1:
+        raise UserError(f"data file not found: {source}",
+                        "Pass an existing .jsonl/.json/.csv/.parquet file, a hub id like TIGER-Lab/MMLU-Pro, "
+                        "or 'demo' / 'demo-mc' for the bundled sets.")
+    return _read_hub(source, hub_split)
+
+
+def _read_file(path: Path) -> list[dict]:
+    import pandas as pd
+
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UserError(f"unknown data format '{path.suffix or '(no suffix)'}' for {path}",
+                        f"Use one of: {', '.join(FORMATS)}.")
+    try:
+        if fmt == "jsonl":
+            records = []
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rec = json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise UserError(f"{path} line {n} is not valid JSON: {e.msg}") from None
+                        if not isinstance(rec, dict):
+                            raise UserError(f"{path} line {n} is not a JSON object")
+                        records.append(rec)
+            return records
+        if fmt == "json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict):  # {"data": [...]} or column-oriented
+                data = data.get("data", data.get("rows", data))
+            if isinstance(data, dict):
+                data = pd.DataFrame(data).to_dict("records")
+            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+                raise UserError(f"{path} must hold a list of objects (or use .jsonl, one object per line)")
+            return data
+        frame = pd.read_csv(path) if fmt == "csv" else pd.read_parquet(path)
+    except UserError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path} as {fmt}: {e}") from None
+    except Exception as e:  # pandas/pyarrow parser errors have many types
+        raise UserError(f"cannot read {path} as {fmt}: {type(e).__name__}: {e}") from None
+    return frame.to_dict("records")
+
+
+def _read_hub(repo_id: str, split: str | None) -> list[dict]:
+    try:
+        import datasets
+
+        if split is None:
+            names = datasets.get_dataset_split_names(repo_id)
+            split = "train" if "train" in names else names[0]
+        ds = datasets.load_dataset(repo_id, split=split)
+    except Exception as e:
+        raise UserError(f"could not load hub data set '{repo_id}' (split {split}): {type(e).__name__}: {e}",
+                        "Offline? Download it once, or pass a local .jsonl/.csv/.parquet file to --data.") from None
+    return ds.to_list()

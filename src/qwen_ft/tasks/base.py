@@ -1,0 +1,63 @@
+"""The task interface shared by category and multiple-choice tasks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+def clean_text(value: Any) -> str | None:
+    """A usable text cell, or None for missing / NaN / empty / non-text values."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, (int, float)):
+        return str(value)
+    if not isinstance(value, str):
+        return None
+    value = value.strip()
+    return value or None
+
+
+@dataclass
+class Task:
+    """Rows + labels + prompt. Subclasses define how records are read and questions are written."""
+
+    labels: list[str]
+    instruction: str
+    question_template: str
+    name: ClassVar[str] = "task"
+    extra: dict = field(default_factory=dict)
+
+    def row_labels(self, row: dict) -> list[str]:
+        """The labels allowed for this row (all labels, or this row's letters)."""
+        return self.labels
+
+    def user_message(self, row: dict, question: str | None = None) -> str:
+        raise NotImplementedError
+
+    def system_message(self) -> str:
+        return self.instruction.format(labels=", ".join(self.labels))
+
+    def to_mapping(self) -> dict:
+        """What a run folder stores so that inference renders exactly the same prompt."""
+        return {
+            "task": self.name,
+            "labels": self.labels,
+            "label_to_id": {label: i for i, label in enumerate(self.labels)},
+            "instruction": self.instruction,
+            "question_template": self.question_template,
+            **self.extra,
+        }
+
+    @classmethod
+    def from_mapping(cls, mapping: dict) -> Task:
+        from qwen_ft.tasks import TASKS
+
+        task_cls = TASKS[mapping["task"]]
+        extra = {k: v for k, v in mapping.items()
+                 if k not in ("task", "labels", "label_to_id", "instruction", "question_template")}
+        return task_cls(labels=list(mapping["labels"]), instruction=mapping["instruction"],
+                        question_template=mapping["question_template"], extra=extra)
