@@ -33,7 +33,6 @@ def sample(rows: list[dict], n: int | None, seed: int) -> list[dict]:
 def split_rows(rows: list[dict], val_fraction: float, test_fraction: float, seed: int,
                stratify: bool = True) -> dict[str, list[dict]]:
     """Stratified (by label) train/validation/test split; each label needs >= 3 rows when stratified."""
-    from sklearn.model_selection import train_test_split
 
     counts = Counter(r["label"] for r in rows)
     if stratify:

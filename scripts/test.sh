@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up (if needed) and run the tests: lint, the fast tier, and with --slow the real-model tier too.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+ruff check src tests benchmarks
+python -m pytest -m "not slow" $(printf "%s\n" "$@" | grep -v -- "^--slow$" || true)
+if [[ " $* " == *" --slow "* ]]; then
+  python -m pytest -m slow
+fi

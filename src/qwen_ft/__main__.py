@@ -1,0 +1,3 @@
+from qwen_ft.cli import main
+
+raise SystemExit(main())

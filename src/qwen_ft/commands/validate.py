@@ -1,0 +1,105 @@
+"""`qwen-ft validate`: score a run's validation (or test) rows, sharded over processes, and report."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from qwen_ft import distributed as dist
+from qwen_ft.errors import UserError
+from qwen_ft.inference import load_run
+from qwen_ft.metrics import classification_report, write_confusion
+from qwen_ft.runs import RunDir, write_json, write_jsonl
+from qwen_ft.scoring import Timer
+
+log = logging.getLogger(__name__)
+
+
+def run_validate(model_path: str, split: str = "validation", num_samples: int | None = None,
+                 decode: str = "constrained", batch_size: int = 16, output_dir: str | None = None,
+                 base_model: str | None = None, precision: str = "auto", gpu_id: int | None = None) -> dict:
+    dist.select_gpu(gpu_id)
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be > 0 (got {batch_size})")
+    if num_samples is not None and num_samples <= 0:
+        raise UserError(f"--num-val-samples must be > 0 (got {num_samples})")
+    rows = RunDir(model_path).require_complete().split(split)
+    if not rows:
+        raise UserError(f"the {split} split of {model_path} is empty", "Use --split validation or --split test.")
+    rows = rows[:num_samples] if num_samples else rows
+    out_dir = Path(output_dir) if output_dir else Path(model_path) / "eval"
+
+    dist.init()
+    loaded = load_run(model_path, base_model, precision)
+    labels = loaded.encoder.task.labels
+    mine = dist.shard(rows)
+    with Timer() as timer:
+        scorer = loaded.scorer
+        if decode == "constrained":
+            results = scorer.score([rows[i] for i in mine], batch_size)
+        else:
+            results = scorer.generate([rows[i] for i in mine], batch_size)
+    parts = dist.gather_objects({"results": list(zip(mine, results)), "seconds": timer.seconds,
+                                 "tokens": scorer.n_prompt_tokens, "memory": dist.peak_memory()})
+    if not dist.is_main():
+        return {}
+
+    merged = sorted((pair for p in parts for pair in p["results"]), key=lambda pair: pair[0])
+    preds = [r for _, r in merged]
+    golds = [row["label"] for row in rows]
+    report = classification_report(golds, [p["pred"] for p in preds], labels)
+    seconds = max(p["seconds"] for p in parts)
+    report.update({
+        "split": split, "decode": decode, "model_path": str(model_path), "precision": loaded.precision,
+        "world_size": dist.world_size(), "seconds": round(seconds, 3),
+        "samples_per_s": round(len(rows) / seconds, 3) if seconds else None,
+        "prompt_tokens_per_s": round(sum(p["tokens"] for p in parts) / seconds, 1) if seconds else None,
+        "memory_per_rank": [p["memory"] for p in parts],
+    })
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "predictions.jsonl", [
+        {"id": row["id"], "label": row["label"], **pred, "correct": pred["pred"] == row["label"]}
+        for row, pred in zip(rows, preds)])
+    write_confusion(golds, [p["pred"] for p in preds], labels, out_dir)
+    write_json(out_dir / "eval.json", report)
+    log.info(summary_table(report, labels))
+    log.info("wrote %s", out_dir / "eval.json")
+    return report
+
+
+def summary_table(report: dict, labels: list[str]) -> str:
+    width = max(12, *(len(lab) for lab in labels))
+    lines = [f"{'label':<{width}}  precision  recall     f1  support"]
+    for lab in labels:
+        m = report["per_label"][lab]
+        lines.append(f"{lab:<{width}}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:5.3f}  {m['support']:7d}")
+    lo, hi = report["accuracy_ci95"]
+    lines += [
+        "",
+        f"accuracy    {report['accuracy']:.4f}  (95% CI {lo:.3f}-{hi:.3f}, n={report['n']})",
+        f"macro-F1    {report['macro_f1']:.4f}    weighted-F1 {report['weighted_f1']:.4f}",
+        f"valid       {report['valid_pct']:.1f}%   decode {report['decode']}   "
+        f"{report['samples_per_s']} samples/s on {report['world_size']} process(es)",
+    ]
+    return "\n".join(lines)
+
+
+def format_eval(path: Path) -> str:
+    return json.dumps(json.loads(path.read_text()), indent=2)
+
+
+def add_parser(sub, name: str) -> None:
+    p = sub.add_parser(name, help="Score a run's validation/test rows (label-constrained by default).")
+    p.add_argument("--model-path", required=True, help="Run folder written by `qwen-ft train`.")
+    p.add_argument("--split", default="validation", choices=("validation", "test"))
+    p.add_argument("--num-val-samples", type=int, default=None, help="Score only the first N rows of the split.")
+    p.add_argument("--decode", default="constrained", choices=("constrained", "free"),
+                   help="constrained: best of the labels (always valid); free: greedy text, exact match.")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--output-dir", default=None, help="Where eval.json etc. go (default: RUN/eval).")
+    p.add_argument("--base-model", default=None, help="Override the base model recorded in the run.")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--gpu-id", type=int, default=None)
+    p.set_defaults(func=lambda a: run_validate(a.model_path, a.split, a.num_val_samples, a.decode, a.batch_size,
+                                               a.output_dir, a.base_model, a.precision, a.gpu_id))

@@ -1,0 +1,111 @@
+"""Rows -> token ids through the tokenizer's chat template; the same prompt at training and inference.
+
+Training examples are `prompt ids + label ids + end-of-turn id`, with `labels` = -100 on the prompt, so
+the loss covers exactly the answer and the end-of-turn token. The mask is built here, by position,
+never from the pad id (for SmolLM2, pad == eos == end-of-turn, and masking by pad id would hide the
+token the model must learn to stop with).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from qwen_ft.errors import UserError
+from qwen_ft.tasks import Task
+
+IGNORE = -100
+
+
+class PromptEncoder:
+    def __init__(self, tokenizer, task: Task, max_length: int):
+        self.tok = tokenizer
+        self.task = task
+        self.max_length = max_length
+        self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.n_truncated = 0
+
+    # ------------------------------------------------------------------ prompt text
+    def _messages(self, system: str, user: str) -> list[dict]:
+        if self.system_role:
+            return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        return [{"role": "user", "content": f"{system}\n\n{user}"}]
+
+    def render(self, system: str, user: str, answer: str | None = None) -> str:
+        if not self.has_template:
+            text = f"{system}\n\n{user}\nAnswer:"
+            return text if answer is None else f"{text} {answer}"
+        messages = self._messages(system, user)
+        if answer is None:
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                enable_thinking=False)
+        messages.append({"role": "assistant", "content": answer})
+        return self.tok.apply_chat_template(messages, tokenize=False, enable_thinking=False)
+
+    @cached_property
+    def system_role(self) -> bool:
+        if not self.has_template:
+            return False
+        try:
+            self.tok.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                                         tokenize=False, add_generation_prompt=True)
+            return True
+        except Exception:  # templates such as Gemma's reject a system role: fold it into the user turn
+            return False
+
+    @cached_property
+    def eot_id(self) -> int:
+        """The token that ends the assistant's turn (<|im_end|> for ChatML), else EOS."""
+        if self.has_template:
+            marker = "QWENFTLABEL"
+            full = self.render("s", "u", marker)
+            tail = full[full.rfind(marker) + len(marker):]
+            ids = self._ids(tail)
+            if ids:
+                return ids[0]
+        if self.tok.eos_token_id is None:
+            raise UserError("the tokenizer has neither a chat template nor an EOS token; cannot mark the answer end")
+        return self.tok.eos_token_id
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    # ------------------------------------------------------------------ label ids
+    @cached_property
+    def label_ids(self) -> dict[str, list[int]]:
+        """Each label's answer tokens, end-of-turn included (what the model writes after the prompt)."""
+        prefix = "" if self.has_template else " "
+        return {label: self._ids(prefix + label) + [self.eot_id] for label in self.task.labels}
+
+    @cached_property
+    def max_label_len(self) -> int:
+        return max(len(v) for v in self.label_ids.values())
+
+    # ------------------------------------------------------------------ encoding
+    def prompt_ids(self, row: dict) -> list[int]:
+        """Prompt ids for a row; an over-long question is cut (never the instruction or the answer)."""
+        system = self.task.system_message()
+        ids = self._ids(self.render(system, self.task.user_message(row)))
+        budget = self.max_length - self.max_label_len
+        if len(ids) <= budget:
+            return ids
+        self.n_truncated += 1
+        q_ids = self._ids(row["question"])
+        overhead = len(ids) - len(q_ids)
+        keep = budget - overhead - 2
+        while keep > 0:
+            question = self.tok.decode(q_ids[:keep]) + " ..."
+            ids = self._ids(self.render(system, self.task.user_message(row, question)))
+            if len(ids) <= budget:
+                return ids
+            keep -= max(4, len(ids) - budget)
+        raise UserError(f"--max-length {self.max_length} is too small: the instruction and choices alone take "
+                        f"{overhead} tokens", f"Use --max-length {overhead + self.max_label_len + 64} or more.")
+
+    def train_example(self, row: dict) -> dict:
+        prompt = self.prompt_ids(row)
+        answer = self.label_ids[row["label"]]
+        return {
+            "input_ids": prompt + answer,
+            "labels": [IGNORE] * len(prompt) + answer,
+            "length": len(prompt) + len(answer),
+        }

@@ -1,0 +1,78 @@
+"""Accuracy with a confidence interval, F1 scores, per-label report, confusion matrix (CSV + PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+INVALID = "<invalid>"
+
+
+def accuracy_ci(correct: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a proportion (scipy)."""
+    if total == 0:
+        return (0.0, 0.0)
+    from scipy.stats import binomtest
+
+    ci = binomtest(correct, total).proportion_ci(confidence_level=confidence, method="wilson")
+    return (float(ci.low), float(ci.high))
+
+
+def classification_report(golds: list[str], preds: list[str | None], labels: list[str]) -> dict:
+    from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+    preds = [p if p is not None else INVALID for p in preds]
+    n = len(golds)
+    correct = sum(g == p for g, p in zip(golds, preds))
+    low, high = accuracy_ci(correct, n)
+    prec, rec, f1, support = precision_recall_fscore_support(golds, preds, labels=labels, zero_division=0)
+    return {
+        "n": n,
+        "accuracy": correct / n if n else 0.0,
+        "accuracy_ci95": [low, high],
+        "macro_f1": float(f1_score(golds, preds, labels=labels, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(golds, preds, labels=labels, average="weighted", zero_division=0)),
+        "valid_pct": 100.0 * sum(p != INVALID for p in preds) / n if n else 0.0,
+        "per_label": {lab: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                      for lab, p, r, f, s in zip(labels, prec, rec, f1, support)},
+    }
+
+
+def confusion(golds: list[str], preds: list[str | None], labels: list[str]):
+    from sklearn.metrics import confusion_matrix
+
+    preds = [p if p is not None else INVALID for p in preds]
+    cols = labels + ([INVALID] if INVALID in preds else [])
+    return cols, confusion_matrix(golds, preds, labels=cols)
+
+
+def write_confusion(golds: list[str], preds: list[str | None], labels: list[str], out_dir: Path) -> None:
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols, matrix = confusion(golds, preds, labels)
+    with open(out_dir / "confusion_matrix.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["gold \\ predicted", *cols])
+        for lab, row in zip(cols, matrix):
+            w.writerow([lab, *row.tolist()])
+    size = max(5, 0.5 * len(cols) + 2)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+    ax.set_yticks(range(len(cols)), cols)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    peak = matrix.max() if matrix.size else 0
+    for i in range(len(cols)):
+        for j in range(len(cols)):
+            if matrix[i, j]:
+                ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if matrix[i, j] > peak / 2 else "black")
+    ax.set_title("Confusion matrix")
+    fig.tight_layout()
+    fig.savefig(out_dir / "confusion_matrix.png", dpi=110)
+    plt.close(fig)

