@@ -32,7 +32,8 @@ class Loaded:
     precision: str
 
 
-def load_run(path, base_model: str | None = None, precision: str = "auto") -> Loaded:
+def load_run(path, base_model: str | None = None, precision: str = "auto", adapter: bool = True) -> Loaded:
+    """`adapter=False` scores the base model alone with the same prompt (the untrained baseline)."""
     run = RunDir(path).require_complete()
     cfg = TrainConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text()), "config.yaml")
     base = resolve_model(base_model or cfg.model.model)
@@ -40,7 +41,7 @@ def load_run(path, base_model: str | None = None, precision: str = "auto") -> Lo
     prec = resolve_precision(precision)
     model = load_model(base, inference_dtype(prec), dist.device(), cfg.model.attn_implementation,
                        cfg.model.trust_remote_code)
-    model = load_adapter(model, run.path, merge=True).eval()
+    model = (load_adapter(model, run.path, merge=True) if adapter else model).eval()
     tokenizer = load_tokenizer(str(run.path), cfg.model.trust_remote_code, padding_side="left")
     encoder = PromptEncoder(tokenizer, Task.from_mapping(run.label_mapping()), cfg.model.max_length)
     return Loaded(run, cfg, encoder, LabelScorer(model, encoder), prec)

@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 def run_validate(model_path: str, split: str = "validation", num_samples: int | None = None,
                  decode: str = "constrained", batch_size: int = 16, output_dir: str | None = None,
-                 base_model: str | None = None, precision: str = "auto", gpu_id: int | None = None) -> dict:
+                 base_model: str | None = None, precision: str = "auto", gpu_id: int | None = None,
+                 baseline: bool = False) -> dict:
     dist.select_gpu(gpu_id)
     if batch_size <= 0:
         raise UserError(f"--batch-size must be > 0 (got {batch_size})")
@@ -28,10 +29,10 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
     if not rows:
         raise UserError(f"the {split} split of {model_path} is empty", "Use --split validation or --split test.")
     rows = rows[:num_samples] if num_samples else rows
-    out_dir = Path(output_dir) if output_dir else Path(model_path) / "eval"
+    out_dir = Path(output_dir) if output_dir else Path(model_path) / ("eval-baseline" if baseline else "eval")
 
     dist.init()
-    loaded = load_run(model_path, base_model, precision)
+    loaded = load_run(model_path, base_model, precision, adapter=not baseline)
     labels = loaded.encoder.task.labels
     mine = dist.shard(rows)
     with Timer() as timer:
@@ -51,7 +52,7 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
     report = classification_report(golds, [p["pred"] for p in preds], labels)
     seconds = max(p["seconds"] for p in parts)
     report.update({
-        "split": split, "decode": decode, "model_path": str(model_path), "precision": loaded.precision,
+        "split": split, "decode": decode, "baseline": baseline, "model_path": str(model_path), "precision": loaded.precision,
         "world_size": dist.world_size(), "seconds": round(seconds, 3),
         "samples_per_s": round(len(rows) / seconds, 3) if seconds else None,
         "prompt_tokens_per_s": round(sum(p["tokens"] for p in parts) / seconds, 1) if seconds else None,
@@ -101,5 +102,7 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--base-model", default=None, help="Override the base model recorded in the run.")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--gpu-id", type=int, default=None)
+    p.add_argument("--baseline", action="store_true",
+                   help="Score the base model without the adapter (same prompt and rows): the untrained baseline.")
     p.set_defaults(func=lambda a: run_validate(a.model_path, a.split, a.num_val_samples, a.decode, a.batch_size,
-                                               a.output_dir, a.base_model, a.precision, a.gpu_id))
+                                               a.output_dir, a.base_model, a.precision, a.gpu_id, a.baseline))
