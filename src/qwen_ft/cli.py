@@ -60,8 +60,22 @@ def _only_sections(data: dict, path: str) -> dict:
     return data
 
 
+def quiet_libraries(debug: bool) -> None:
+    """Library progress bars and deprecation chatter hide our own progress lines."""
+    if debug:
+        return
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen-ft", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="qwen-ft", description="LoRA-fine-tune a causal LM to generate a category label or an answer letter.")
     parser.add_argument("--debug", action="store_true", help="Show tracebacks.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():
@@ -75,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     dist.setup_logging(debug)
+    quiet_libraries(debug)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
