@@ -15,8 +15,9 @@ TASKS: dict[str, type[Task]] = {"category": CategoryTask, "multiple_choice": Mul
 
 
 def detect_task(columns: list[str]) -> str:
-    """Multiple choice when the records carry choices; otherwise text -> category."""
-    if MultipleChoiceTask.matches(columns):
+    """Text -> category when there is a category column (MMLU-Pro has options too, but the seed guide
+    classifies its questions); multiple choice when the records carry choices; else text -> label."""
+    if "category" not in columns and MultipleChoiceTask.matches(columns):
         return "multiple_choice"
     return "category"
 
