@@ -211,7 +211,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def build(cls, data: dict, where: str = "config"):
+def build(cls, data: dict, where: str = "config", _sections_of_parent: dict | None = None):
     """Build a (nested) config dataclass from a nested dict, rejecting unknown keys with a suggestion."""
     data = data or {}
     if not isinstance(data, dict):
@@ -220,19 +220,32 @@ def build(cls, data: dict, where: str = "config"):
     p = Problems()
     for key in data:
         if key not in hints:
-            close = difflib.get_close_matches(str(key), list(hints), n=1)
-            p.add(f"{where}: unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else
-                                                    f" (known: {', '.join(hints)})"))
-    p.raise_if_any()
+            p.add(f"{where}: unknown key '{key}'" + _suggest(str(key), hints, _sections_of_parent))
     kwargs = {}
     for name, tp in hints.items():
         if name not in data:
             continue
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = build(tp, data[name], f"{where}.{name}")
+            kwargs[name] = p.attempt(build, tp, data[name], f"{where}.{name}", hints)
         else:
-            kwargs[name] = _coerce(data[name], tp, f"{where}.{name}")
+            kwargs[name] = p.attempt(_coerce, data[name], tp, f"{where}.{name}")
+    p.raise_if_any()
     return cls(**kwargs)
+
+
+def _suggest(key: str, known: dict[str, type], sibling_sections: dict[str, type] | None) -> str:
+    """' (did you mean ...?)': a close name here, or the same name in another section."""
+    elsewhere = []
+    for section, tp in (sibling_sections or {}).items():
+        if dataclasses.is_dataclass(tp) and key in {f.name for f in dataclasses.fields(tp)}:
+            elsewhere.append(section)
+    for section, tp in known.items():  # top level: a field written without its section
+        if dataclasses.is_dataclass(tp) and key in {f.name for f in dataclasses.fields(tp)}:
+            return f" (did you mean '{section}.{key}'?)"
+    if elsewhere:
+        return f" (it belongs in the '{elsewhere[0]}' section)"
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -295,13 +308,13 @@ def env_overrides(env: dict | None = None) -> dict[str, Any]:
     return out
 
 
-def resolve(cls, layers: list[dict[str, Any]], where: str = "config"):
+def resolve(cls, layers: list[dict[str, Any]], where: str = "config", check: bool = True):
     """Merge flat dotted-key layers (lowest precedence first) on top of the defaults and validate."""
     merged = flatten(dataclasses.asdict(cls()))
     for layer in layers:
         merged.update({k: v for k, v in layer.items()})
     cfg = build(cls, unflatten(merged), where)
-    if hasattr(cfg, "validate"):
+    if check and hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
 
 class UserError(Exception):
     """A problem the user can fix (bad flag, bad data, bad folder). Carries every problem found."""
@@ -29,14 +34,30 @@ class Problems:
 
     def __init__(self) -> None:
         self.items: list[str] = []
+        self.hints: list[str] = []
 
-    def add(self, problem: str) -> None:
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def add(self, problem: str, hint: str | None = None) -> None:
         self.items.append(problem)
+        if hint and hint not in self.hints:
+            self.hints.append(hint)
 
     def check(self, ok: bool, problem: str) -> None:
         if not ok:
             self.items.append(problem)
 
+    def attempt(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        """Run one check; its UserError joins the list (and None is returned) instead of stopping."""
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            for i, problem in enumerate(e.problems):
+                self.add(problem, e.hint if i == len(e.problems) - 1 else None)
+            return None
+
     def raise_if_any(self, hint: str | None = None) -> None:
         if self.items:
-            raise UserError(self.items, hint)
+            hints = self.hints + ([hint] if hint and hint not in self.hints else [])
+            raise UserError(self.items, "\n".join(hints) or None)

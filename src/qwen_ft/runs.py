@@ -20,6 +20,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +34,38 @@ def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def staged_dir(path: Path) -> Iterator[Path]:
+    """Yield a fresh hidden folder beside `path`; on success it replaces `path` whole, else it is removed.
+
+    Readers therefore see either the previous folder or the complete new one, never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -48,6 +79,21 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def read_jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def read_jsonl_tolerant(path: Path) -> list[dict]:
+    """Lines of an append-only log; a line torn by a killed writer (the last one) is skipped."""
+    if not Path(path).is_file():
+        return []
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
 
 
 def env_info() -> dict:
@@ -121,7 +167,43 @@ class RunDir:
         if not self.complete:
             raise UserError(f"run folder {p} is incomplete (no {MARKER} marker): its training did not finish",
                             f"Resume it with: qwen-ft train --resume --output-dir {p} (same flags)")
+        if not (p / "adapter_model.safetensors").is_file():  # never fall back to a pickled adapter_model.bin
+            raise UserError(f"{p} has no adapter_model.safetensors; only safetensors weights are loaded",
+                            "Re-save the adapter with safe_serialization=True, or retrain.")
         return self
+
+    def last_checkpoint(self) -> Path | None:
+        """The newest checkpoint that was written to the end (trainer_state.json is saved last)."""
+        return last_good_checkpoint(self.checkpoints)
+
+
+def last_good_checkpoint(folder: Path) -> Path | None:
+    """Newest `checkpoint-N` in `folder` holding trainer_state.json and safetensors weights.
+
+    A checkpoint cut short by SIGKILL lacks trainer_state.json (the Trainer writes it last) and is skipped.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = []
+    for d in folder.glob("checkpoint-*"):
+        step = d.name.rsplit("-", 1)[-1]
+        if d.is_dir() and step.isdigit() and (d / "trainer_state.json").is_file() \
+                and any(d.glob("*.safetensors")):
+            found.append((int(step), d))
+    return max(found)[1] if found else None
+
+
+def remove_torn_checkpoints(folder: Path, keep: Path | None) -> list[Path]:
+    """Delete checkpoints newer than `keep` (half-written by a killed run); returns what was removed."""
+    removed = []
+    limit = int(keep.name.rsplit("-", 1)[-1]) if keep else -1
+    for d in Path(folder).glob("checkpoint-*"):
+        step = d.name.rsplit("-", 1)[-1]
+        if d.is_dir() and step.isdigit() and int(step) > limit:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
 
 
 def prepare_output_dir(path: Path, resume: bool, overwrite: bool) -> str:

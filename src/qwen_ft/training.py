@@ -21,6 +21,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from qwen_ft import distributed as dist
 from qwen_ft.encoding import IGNORE
 from qwen_ft.errors import TrainingDiverged
+from qwen_ft.runs import last_good_checkpoint, read_jsonl_tolerant
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,9 @@ class EpochMetrics(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         # On resume, keep what was logged up to the checkpoint and rebuild the current epoch's steps.
         kept = []
-        if self.path.is_file() and state.global_step > 0:
-            kept = [r for r in map(json.loads, self.path.read_text().splitlines())
-                    if r.get("step", 0) <= state.global_step and r["type"] in ("step", "epoch")]
+        if state.global_step > 0:  # a line torn by SIGKILL, and lines logged after the checkpoint, go
+            kept = [r for r in read_jsonl_tolerant(self.path)
+                    if r.get("step", 0) <= state.global_step and r.get("type") in ("step", "epoch")]
         self.history = [r for r in kept if r["type"] == "epoch"]
         done = self.history[-1]["step"] if self.history else 0
         self.epoch_steps = [r for r in kept if r["type"] == "step" and r["step"] > done]
@@ -139,20 +140,29 @@ class EpochMetrics(TrainerCallback):
 
 
 class DivergenceGuard(TrainerCallback):
-    """Stop at the first NaN/inf loss or gradient norm, before a corrupt state is checkpointed."""
+    """Stop at the first NaN/inf gradient (checked before the optimizer step, so the weights and every
+    checkpoint stay finite) or NaN/inf logged loss, naming the step and keeping the last good checkpoint."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None] if model else []
+        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()):
+            self._stop(args, state, "the gradient", state.global_step + 1, before_update=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs:
-            return
         for key in ("loss", "grad_norm"):
-            value = logs.get(key)
+            value = (logs or {}).get(key)
             if value is not None and not math.isfinite(value):
-                ckpts = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-                kept = f"The last good checkpoint is kept: {ckpts[-1]}" if ckpts else "No checkpoint was saved yet."
-                raise TrainingDiverged(
-                    f"training diverged: {key} became {value} at step {state.global_step} (epoch {state.epoch:.2f})",
-                    f"{kept}\nTry a lower --learning-rate, full precision (--precision fp32 instead of bf16/fp16), "
-                    "or gradient clipping (--max-grad-norm 1.0).")
+                self._stop(args, state, f"{key} ({value})", state.global_step, before_update=False)
+
+    @staticmethod
+    def _stop(args, state, what: str, step: int, before_update: bool):
+        ckpt = last_good_checkpoint(Path(args.output_dir))
+        kept = f"The last good checkpoint is kept: {ckpt}" if ckpt else "No checkpoint had been saved yet."
+        raise TrainingDiverged(
+            f"training diverged: {what} became NaN/inf at step {step} (epoch {state.epoch or 0:.2f})"
+            + ("; stopped before the optimizer applied it" if before_update else ""),
+            f"{kept}\nTry a lower --learning-rate, full precision (--precision fp32 instead of bf16/fp16), "
+            "or gradient clipping (--max-grad-norm 1.0).")
 
 
 class CheckpointTriggers(TrainerCallback):

@@ -23,6 +23,14 @@ def describe(source: str) -> str:
     return f"bundled demo '{source}'" if source in DEMOS else source
 
 
+def is_hub(source: str | None) -> bool:
+    """True when `source` names a hub data set (it would be downloaded), not a local file or demo."""
+    if not source or source in DEMOS or Path(source).expanduser().exists():
+        return False
+    looks_local = source.startswith((".", "/", "~")) or Path(source).suffix.lower() in FORMATS
+    return not looks_local and source.count("/") == 1
+
+
 def read_records(source: str, hub_split: str | None = None) -> list[dict]:
     """Raw records (list of dicts) from `source`; a clear UserError for anything unreadable."""
     if source in DEMOS:
