@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if debug:
             raise
-        print(f"qwen-ft {args.command}: error: {e.message}", file=sys.stderr)
+        print(f"qwen-ft {args.command}{dist.rank_tag()}: error: {e.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
