@@ -111,6 +111,11 @@ class EpochMetrics(TrainerCallback):
                   "loss": logs["loss"], "grad_norm": logs.get("grad_norm"), "lr": logs.get("learning_rate")}
         self.epoch_steps.append(record)
         self._write(record)
+        every = max(1, state.max_steps // 20)
+        if args.disable_tqdm and dist.is_main() and (state.global_step % every == 0 or state.global_step == 1):
+            elapsed = time.time() - self.t0
+            log.info("  step %d/%d  loss %.4f  (%.1fs elapsed)", state.global_step, state.max_steps, logs["loss"],
+                     elapsed)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if not metrics or "eval_loss" not in metrics or not self.epoch_steps:
