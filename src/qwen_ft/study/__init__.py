@@ -1,0 +1,1 @@
+"""The optimizer study: data -> train (x optimizers) -> merge -> eval -> analysis, each phase resumable."""
