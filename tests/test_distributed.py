@@ -1,0 +1,256 @@
+"""torchrun on CPU (gloo) with a tiny random Qwen3: one code path for 1..N processes.
+
+Each test launches `python -m torch.distributed.run --standalone --nproc_per_node=2` (free port, so
+parallel test sessions do not collide). What is compared, precisely:
+- every rank reports its optimizer steps, its model wrapper class and a sha256 of its in-memory adapter
+  (qwen_ft.distributed.tensors_digest over peft's adapter state dict) in metrics.jsonl's final line;
+  the test recomputes the same digest from the saved adapter_model.safetensors and compares it with
+  rank 0's, so "saved == rank 0's in-memory adapter" is checked through that digest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qwen_ft import distributed as dist
+from qwen_ft.errors import UserError
+from tests.conftest import tiny_train_args
+
+pytestmark = pytest.mark.distributed
+
+N_TRAIN = 42  # demo data, --max-samples-per-category 5: 14 labels x 3 training rows
+PER_DEVICE = 8  # tiny_train_args' --batch-size
+
+
+def torchrun(*args: str, cwd: Path, timeout: int = 240, script: Path | None = None) -> tuple[int, str, float]:
+    """Run `torchrun --nproc_per_node=2 -m qwen_ft ARGS` (or SCRIPT ARGS); (exit code, output, seconds)."""
+    target = [str(script)] if script else ["-m", "qwen_ft"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *target, *args]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr, time.time() - t0
+
+
+def final_record(run: Path) -> dict:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]
+
+
+def saved_adapter(run: Path) -> dict:
+    return load_file(run / "adapter_model.safetensors")
+
+
+def ddp_train(model: Path, workdir: Path, *extra: str) -> tuple[Path, str]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    rc, output, _ = torchrun(*tiny_train_args(model, workdir / "run", *extra), cwd=workdir)
+    assert rc == 0, output[-4000:]
+    return workdir / "run", output
+
+
+def check_ddp_run(run: Path, output: str, gradient_checkpointing: bool = False) -> None:
+    """Both ranks stepped in one DDP job; rank 0 alone logged and wrote; the saved adapter is rank 0's."""
+    assert sorted(p.name for p in run.parent.iterdir()) == ["run"]  # one run folder, nothing else written
+    assert (run / "COMPLETE").is_file() and not (run / "checkpoints").exists()
+    assert not list(run.glob("*.bin"))
+
+    final = final_record(run)
+    steps = math.ceil(N_TRAIN / (PER_DEVICE * 2))  # each rank trains its half of every global batch
+    assert final["world_size"] == 2 and final["global_batch"] == PER_DEVICE * 2 and final["step"] == steps
+    ranks = final["per_rank"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert all(r["steps"] == steps for r in ranks)
+    assert all(r["model_wrapper"] == "DistributedDataParallel" for r in ranks)
+    assert all(r["gradient_checkpointing"] is gradient_checkpointing for r in ranks)
+    assert all(r["peak_rss_mb"] > 0 for r in ranks)
+    assert final["peak_rss_mb"] == max(r["peak_rss_mb"] for r in ranks)
+    assert ranks[0]["adapter_sha256"] == ranks[1]["adapter_sha256"]  # gradients were all-reduced
+    assert dist.tensors_digest(saved_adapter(run)) == ranks[0]["adapter_sha256"]
+
+    info = json.loads((run / "run.json").read_text())
+    assert info["world_size"] == 2 and info["per_device_batch"] == PER_DEVICE and info["global_batch"] == 16
+
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    step_lines = [x["step"] for x in lines if x["type"] == "step"]
+    assert step_lines == list(range(1, steps + 1))  # the loss is logged once per step, not once per rank
+    assert [x["type"] for x in lines].count("epoch") == 1 and [x["type"] for x in lines].count("final") == 1
+
+    assert output.count("Epoch 1: train_loss=") == 1 and output.count("resolved config:") == 1
+    assert "batch: 8 per device x 2 processes x 1 grad-accum = 16 global" in output
+    assert "model wrapped in DistributedDataParallel" in output
+    assert "mark a variable ready only once" not in output
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_qwen3, tmp_path_factory) -> tuple[Path, str]:
+    return ddp_train(tiny_qwen3, tmp_path_factory.mktemp("ddp-a"))
+
+
+def test_torchrun_train_is_one_ddp_job(ddp_run):
+    check_ddp_run(*ddp_run)
+
+
+def test_torchrun_train_same_seed_same_adapter(ddp_run, tiny_qwen3, tmp_path):
+    run_b, output = ddp_train(tiny_qwen3, tmp_path / "b")
+    check_ddp_run(run_b, output)
+    a, b = saved_adapter(ddp_run[0]), saved_adapter(run_b)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().sum() > 0 for k, v in b.items() if "lora_B" in k)  # trained (B starts at zero)
+
+
+def test_torchrun_train_gradient_checkpointing(ddp_run, tiny_qwen3, tmp_path):
+    run, output = ddp_train(tiny_qwen3, tmp_path / "gc", "--gradient-checkpointing")
+    check_ddp_run(run, output, gradient_checkpointing=True)
+    # non-reentrant checkpointing recomputes the same activations: the same adapter up to rounding
+    a, b = saved_adapter(ddp_run[0]), saved_adapter(run)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_torchrun_validate_matches_single_process(ddp_run, tmp_path):
+    from qwen_ft.commands.validate import run_validate
+
+    run = ddp_run[0]
+    # fp32: with bf16 the different batch composition of the shards can flip a near-tie
+    rc, output, _ = torchrun("validate", "--model-path", str(run), "--batch-size", "4", "--precision", "fp32",
+                             "--output-dir", str(tmp_path / "ddp"), cwd=tmp_path)
+    assert rc == 0, output[-4000:]
+    single = run_validate(str(run), batch_size=4, output_dir=str(tmp_path / "single"), precision="fp32")
+
+    def rows(d):
+        return [json.loads(x) for x in (tmp_path / d / "predictions.jsonl").read_text().splitlines()]
+
+    ddp, one = rows("ddp"), rows("single")
+    assert len(ddp) == single["n"] == 14
+    assert [(r["id"], r["label"], r["pred"]) for r in ddp] == [(r["id"], r["label"], r["pred"]) for r in one]
+    for a, b in zip(ddp, one):  # shards batch different rows together: probabilities equal up to rounding
+        assert a["probs"].keys() == b["probs"].keys()
+        assert all(abs(a["probs"][k] - b["probs"][k]) < 1e-5 for k in a["probs"])
+    report = json.loads((tmp_path / "ddp" / "eval.json").read_text())
+    assert report["world_size"] == 2 and len(report["memory_per_rank"]) == 2
+    assert report["accuracy"] == single["accuracy"] and report["n"] == single["n"]
+    assert output.count("accuracy ") == 1  # rank 0 alone prints the report
+
+
+LAUNCHER = """
+    import os
+    import sys
+
+    {patch}
+
+    from qwen_ft.cli import main
+
+    sys.exit(main(sys.argv[1:]))
+"""
+
+FAIL_ON_RANK_1 = """
+    from qwen_ft.commands import train
+    from qwen_ft.errors import UserError
+
+    if os.environ["RANK"] == "1":  # rank 1 meets a bad batch at its second step; rank 0 waits in all-reduce
+        real, calls = train.answer_loss, []
+
+        def failing_loss(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise UserError("injected failure on rank 1 (bad batch)")
+            return real(*args, **kwargs)
+
+        train.answer_loss = failing_loss
+"""
+
+NO_USE_CPU = """
+    import peft  # noqa: F401  (importing peft replaces the lazy `transformers` module: patch after it)
+    import transformers
+
+    real = transformers.TrainingArguments
+
+    def without_use_cpu(*args, **kwargs):  # the classic mistake: a CPU Trainer without use_cpu=True
+        return real(*args, **{**kwargs, "use_cpu": False, "ddp_backend": None})
+
+    transformers.TrainingArguments = without_use_cpu
+"""
+
+
+def launcher(tmp_path: Path, patch: str) -> Path:
+    script = tmp_path / "launch.py"
+    script.write_text(textwrap.dedent(LAUNCHER).replace("{patch}", textwrap.dedent(patch).strip()))
+    return script
+
+
+def test_failing_rank_stops_the_job(tiny_qwen3, tmp_path):
+    script = launcher(tmp_path, FAIL_ON_RANK_1)
+    rc, output, seconds = torchrun(*tiny_train_args(tiny_qwen3, tmp_path / "run"), cwd=tmp_path, script=script)
+    assert rc != 0 and seconds < 180
+    assert "qwen-ft train [rank 1/2]: error: injected failure on rank 1 (bad batch)" in output
+    assert not (tmp_path / "run" / "COMPLETE").exists()  # the half-done folder does not look finished
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+def test_processes_that_would_train_separately_are_refused(tiny_qwen3, tmp_path):
+    script = launcher(tmp_path, NO_USE_CPU)
+    rc, output, _ = torchrun(*tiny_train_args(tiny_qwen3, tmp_path / "run"), cwd=tmp_path, script=script)
+    assert rc != 0
+    assert "the Trainer sees world size 1 but WORLD_SIZE=2" in output
+    assert "2 separate copies, not one DDP job" in output
+    assert not (tmp_path / "run" / "COMPLETE").exists()
+
+
+def test_gpu_id_refused_under_torchrun(tiny_qwen3, tmp_path):
+    rc, output, _ = torchrun(*tiny_train_args(tiny_qwen3, tmp_path / "run", "--gpu-id", "0"), cwd=tmp_path)
+    assert rc != 0
+    assert "--gpu-id 0 cannot be used under torchrun: each process uses the GPU of its LOCAL_RANK" in output
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- in-process checks (fast)
+
+def test_world_size_without_a_launcher_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(UserError, match="cannot form one training job"):
+        dist.init()
+
+
+def test_invalid_gpu_id_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    n = torch.cuda.device_count()
+    with pytest.raises(UserError, match="no CUDA GPU is available" if n == 0 else "is invalid"):
+        dist.select_gpu(n)
+    with pytest.raises(UserError, match=">= 0"):
+        dist.select_gpu(-1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="cannot be used under torchrun"):
+        dist.select_gpu(0)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_shards_cover_every_row_once(monkeypatch, world):
+    rows = list(range(11))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    seen = []
+    for r in range(world):
+        monkeypatch.setenv("RANK", str(r))
+        seen += dist.shard(rows)
+    assert sorted(seen) == rows
+
+
+def test_tensors_digest_sees_values_names_and_dtypes():
+    a = {"x": torch.ones(2, 3), "y": torch.zeros(4)}
+    assert dist.tensors_digest(a) == dist.tensors_digest({"y": torch.zeros(4), "x": torch.ones(2, 3)})
+    assert dist.tensors_digest(a) != dist.tensors_digest({**a, "x": torch.ones(2, 3) + 1e-6})
+    assert dist.tensors_digest(a) != dist.tensors_digest({"x2": a["x"], "y": a["y"]})
+    assert dist.tensors_digest(a) != dist.tensors_digest({**a, "y": torch.zeros(4, dtype=torch.float64)})
+    with pytest.raises(RuntimeError, match="did not train as one DDP job"):
+        dist.check_replicas([{"adapter_sha256": "a"}, {"adapter_sha256": "b"}])
+    assert dist.max_memory([{"peak_rss_mb": 1.0, "rank": 0}, {"peak_rss_mb": 3.0, "rank": 1}]) == {"peak_rss_mb": 3.0}
