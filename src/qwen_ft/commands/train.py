@@ -218,6 +218,7 @@ def _rank_report(trainer) -> dict:
     return {"rank": dist.rank(), "steps": trainer.state.global_step,
             "model_wrapper": type(trainer.model_wrapped).__name__,
             "adapter_sha256": None if sharded else dist.tensors_digest(get_peft_model_state_dict(unwrapped)),
+            "gradient_checkpointing": bool(getattr(unwrapped, "is_activation_checkpointing", False)),
             **dist.peak_memory()}
 
 
