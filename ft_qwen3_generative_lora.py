@@ -7,7 +7,9 @@
     torchrun --nproc_per_node=8 ft_qwen3_generative_lora.py --mode train ...
 
 `--mode train` takes every `qwen-ft train` flag; `validate` and `test` take those of `qwen-ft validate` /
-`qwen-ft test`. Without --mode, train is assumed (as the guide's "Best Practices" line does).
+`qwen-ft test`. Without --mode, train is assumed (as the guide's "Best Practices" line does). The guide's
+data set is MMLU-Pro from the hub, so training without --data or --config reads `TIGER-Lab/MMLU-Pro`
+(split test), as the original script did; pass --data for a local file or the bundled `demo` set.
 """
 
 import sys
@@ -18,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # runs from a 
 from qwen_ft.cli import main  # noqa: E402
 
 MODES = {"train": "train", "validate": "validate", "test": "test"}
+SEED_DATA = "TIGER-Lab/MMLU-Pro"
 
 
 def translate(argv: list[str]) -> list[str]:
@@ -37,6 +40,8 @@ def translate(argv: list[str]) -> list[str]:
         print(f"ft_qwen3_generative_lora.py: error: --mode must be one of {', '.join(MODES)} (got {mode!r})",
               file=sys.stderr)
         raise SystemExit(2)
+    if mode == "train" and not any(a.split("=")[0] in ("--data", "--config") for a in rest):
+        rest += ["--data", SEED_DATA, "--hub-split", "test"]
     return [MODES[mode], *rest]
 
 
