@@ -37,10 +37,13 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
     mine = dist.shard(rows)
     with Timer() as timer:
         scorer = loaded.scorer
-        if decode == "constrained":
-            results = scorer.score([rows[i] for i in mine], batch_size)
+        mine_rows = [rows[i] for i in mine]
+        if decode == "constrained":  # fast: shared-prefix KV cache + greedy decoding over the label trie
+            results = scorer.decode(mine_rows, batch_size)
+        elif decode == "exact":  # every label's exact log-probability (and a distribution over labels)
+            results = scorer.score(mine_rows, batch_size)
         else:
-            results = scorer.generate([rows[i] for i in mine], batch_size)
+            results = scorer.generate(mine_rows, batch_size)
     parts = dist.gather_objects({"results": list(zip(mine, results)), "seconds": timer.seconds,
                                  "tokens": scorer.n_prompt_tokens, "memory": dist.peak_memory()})
     if not dist.is_main():
@@ -95,8 +98,10 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--model-path", required=True, help="Run folder written by `qwen-ft train`.")
     p.add_argument("--split", default="validation", choices=("validation", "test"))
     p.add_argument("--num-val-samples", type=int, default=None, help="Score only the first N rows of the split.")
-    p.add_argument("--decode", default="constrained", choices=("constrained", "free"),
-                   help="constrained: best of the labels (always valid); free: greedy text, exact match.")
+    p.add_argument("--decode", default="constrained", choices=("constrained", "exact", "free"),
+                   help="constrained (fast): greedy decoding over the labels' token trie, the shared instruction "
+                        "computed once (always valid); exact: each label's exact probability, argmax (always "
+                        "valid, slower); free: greedy text, exact match.")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--output-dir", default=None, help="Where eval.json etc. go (default: RUN/eval).")
     p.add_argument("--base-model", default=None, help="Override the base model recorded in the run.")
