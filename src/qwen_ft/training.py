@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from qwen_ft import distributed as dist
 from qwen_ft.encoding import IGNORE
@@ -65,6 +66,36 @@ def answer_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch
                            ignore_index=IGNORE, reduction="sum")
     n = num_items_in_batch if num_items_in_batch is not None else targets.ne(IGNORE).sum()
     return loss / n
+
+
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """Length-grouped order drawn from (seed, epoch) alone. The stock sampler draws it from the global RNG,
+    whose state at an epoch start a resumed run cannot reproduce, so its data order would differ."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by the Trainer (via accelerate) before each epoch
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
+class SeededTrainer(Trainer):
+    """Trainer whose length-grouped data order depends only on the seed and the epoch (exact resume)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        column = self.args.length_column_name
+        if self.args.train_sampling_strategy != "group_by_length" or column not in ds.column_names:
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return SeededLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                          list(ds[column]), seed)
 
 
 # ----------------------------------------------------------------------------- callbacks
@@ -194,9 +225,22 @@ class CheckpointTriggers(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.save_steps and state.global_step % self.save_steps == 0:
             control.should_save = True
-        if self.signal is not None:
+        if self.signal is not None and not self._at_epoch_end(state):
             control.should_save = True
             control.should_training_stop = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.signal is None:
+            return
+        if self._at_epoch_end(state):  # a whole epoch: evaluate and checkpoint as usual, then stop
+            control.should_training_stop = True
+        else:  # stopped mid-epoch: the step's checkpoint is saved; no evaluation of a partial epoch
+            control.should_evaluate = False
+            control.should_save = False
+
+    @staticmethod
+    def _at_epoch_end(state) -> bool:
+        return state.epoch is not None and abs(state.epoch - round(state.epoch)) < 1e-6
 
     def on_train_end(self, args, state, control, **kwargs):
         for sig, handler in self._previous.items():

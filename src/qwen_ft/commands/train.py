@@ -43,6 +43,7 @@ from qwen_ft.training import (
     DivergenceGuard,
     EpochMetrics,
     LeftPadCollator,
+    SeededTrainer,
     answer_loss,
     strip_default_printing,
 )
@@ -172,7 +173,7 @@ def run_train(user: dict, resume: bool = False, overwrite: bool = False, model_h
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_time = time.time() - t0
-    if triggers.signal is not None:
+    if triggers.signal is not None and trainer.state.global_step < trainer.state.max_steps:
         raise UserError(f"training interrupted at step {trainer.state.global_step}; a checkpoint was saved in "
                         f"{run.checkpoints}", "Continue with the same command plus --resume.")
 
@@ -253,7 +254,7 @@ def _encode(encoder: PromptEncoder, rows: list[dict]):
 
 
 def _build_trainer(cfg: TrainConfig, run: RunDir, model, tokenizer, train_ds, val_ds, precision: str):
-    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+    from transformers import EarlyStoppingCallback, TrainingArguments
 
     cpu = not dist.use_cuda()
     t, o = cfg.train, cfg.optim
@@ -300,7 +301,7 @@ def _build_trainer(cfg: TrainConfig, run: RunDir, model, tokenizer, train_ds, va
                  CheckpointTriggers(t.save_steps)]
     if t.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
-    trainer = Trainer(
+    trainer = SeededTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
         data_collator=LeftPadCollator(tokenizer.pad_token_id, 8 if not cpu else None),
         compute_loss_func=answer_loss, callbacks=callbacks,
