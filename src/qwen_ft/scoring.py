@@ -60,13 +60,15 @@ class LabelScorer:
         return prompts, order
 
     @torch.inference_mode()
-    def label_logprobs(self, prompts: list[list[int]]) -> torch.Tensor:
-        """[B, L] log P(label + end-of-turn | prompt) for every label."""
+    def label_logprobs(self, prompts: list[list[int]], continuation: bool = True) -> torch.Tensor:
+        """[B, L] log P(label + end-of-turn | prompt) for every label (first token only without `continuation`)."""
         ids, mask = left_pad(prompts, self.pad_id, self.device)
         self.n_prompt_tokens += int(mask.sum())
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)[:, self.first]  # [B, L]
+        if not continuation:
+            return first
         b, n_labels, width = ids.size(0), len(self.labels), self.cont_ids.size(1)
         cache = out.past_key_values
         cache.batch_repeat_interleave(n_labels)

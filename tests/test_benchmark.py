@@ -1,0 +1,131 @@
+"""The benchmark script runs end to end on the tiny model (it checks that the script works, not speed);
+the fast constrained decode is exact against uncached full-sequence forwards and always valid."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qwen_ft.encoding import PromptEncoder
+from qwen_ft.models import load_model, load_tokenizer
+from qwen_ft.scoring import LabelScorer
+from qwen_ft.tasks import CategoryTask, MultipleChoiceTask
+from tests.conftest import REPO
+
+QUESTIONS = ["Why is the sky blue?", "What is a contract?", "x", "Define entropy " * 5,
+             "Which sorting algorithm is stable?", "What does the liver do?", "Solve 2x + 3 = 7."]
+
+
+def test_benchmark_script_end_to_end(tiny_qwen3, tmp_path):
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "vs_reference.py"), "--model", str(tiny_qwen3),
+           "--data", "demo", "--max-samples-per-category", "2", "--budget-s", "1", "--num-val-samples", "4",
+           "--max-length", "96", "--peak-seconds", "0.05", "--json", str(out_json), "--markdown", str(out_md),
+           "--workdir", str(tmp_path / "work")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    s = json.loads(out_json.read_text())
+    for key in ("train_tokens_per_s", "eval_samples_per_s", "peak_rss"):
+        assert s["ratios"][key] is not None and s["ratios"][key] > 0, key
+    assert 0 < s["ours"]["mfu"]
+    for side in ("reference", "ours"):
+        r = s[side]
+        assert r["useful_tokens"] > 0 and r["padded_tokens"] >= r["useful_tokens"]
+        assert r["val_n"] == 4 and 0 <= r["val_accuracy"] <= 1
+        assert r["matmul_peak"]["gflops"] > 0 and r["peak_rss_mb"] > 0
+    # the reference pads every example to --max-length; ours pads per batch only
+    assert s["reference"]["padded_tokens"] % 96 == 0
+    assert s["ours"]["val_valid_pct"] == 100.0
+    table = out_md.read_text()
+    assert "| metric | reference recipe | qwen-ft defaults | ours / reference |" in table
+    assert "MFU" in table and "Validation samples/s" in table
+
+
+# ----------------------------------------------------------------------------- fast constrained decode
+
+@pytest.fixture(scope="module")
+def qwen_tok(qwen3_tokenizer_dir):
+    return load_tokenizer(str(qwen3_tokenizer_dir))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_qwen3):
+    return load_model(str(tiny_qwen3)).eval()
+
+
+def full_logp(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+
+
+def brute_force_greedy(model, prompt: list[int], label_ids: dict[str, list[int]], allowed: list[str]) -> str:
+    """Greedy decoding over the label trie with plain, uncached full-sequence forwards."""
+    cands, done = list(allowed), []
+    while len(cands) > 1:
+        k = len(done)
+        logp = full_logp(model, prompt + done)
+        options = sorted({label_ids[lab][k] for lab in cands})
+        tok = max(options, key=lambda t: float(logp[t]))
+        cands = [lab for lab in cands if label_ids[lab][k] == tok]
+        done.append(tok)
+    return cands[0]
+
+
+def test_fast_decode_unique_first_tokens_matches_exact_first_token_argmax(tiny_model, qwen_tok):
+    """Unique first tokens: one pass decides; it equals the argmax of the exact first-token log-probs."""
+    task = CategoryTask.create(["biology", "computer science", "law", "math"])
+    enc = PromptEncoder(qwen_tok, task, max_length=256)
+    firsts = [enc.label_ids[lab][0] for lab in task.labels]
+    assert len(set(firsts)) == len(firsts)
+    rows = [{"question": q} for q in QUESTIONS]
+    scorer = LabelScorer(tiny_model, enc)
+    fast = scorer.decode(rows, batch_size=3)
+    for row, res in zip(rows, fast):
+        assert res["pred"] in task.labels and res["valid"]
+        logp = full_logp(tiny_model, enc.prompt_ids(row))
+        assert res["pred"] == task.labels[int(logp[firsts].argmax())]
+    # the shared instruction was computed once: far fewer tokens run than the prompts hold
+    assert scorer.n_computed_tokens < scorer.n_prompt_tokens
+
+
+def test_fast_decode_agrees_with_exact_when_continuations_are_certain(tiny_model, qwen_tok):
+    """With unique first tokens, decode == exact scoring's argmax whenever P(rest of label | first) ~ 1.
+
+    The exact score is log P(first) + log P(rest | first); forcing the continuation terms to 0 (what a
+    trained model gives: it always finishes the label it started and ends the turn) must leave the
+    exact argmax equal to the fast decode's.
+    """
+    task = CategoryTask.create(["biology", "computer science", "law", "math"])
+    enc = PromptEncoder(qwen_tok, task, max_length=256)
+    rows = [{"question": q} for q in QUESTIONS]
+    scorer = LabelScorer(tiny_model, enc)
+    fast = [r["pred"] for r in scorer.decode(rows, batch_size=4)]
+    first_only = scorer.label_logprobs([enc.prompt_ids(r) for r in rows], continuation=False)
+    exact = [task.labels[int(i)] for i in first_only.argmax(-1)]
+    assert fast == exact
+
+
+def test_fast_decode_shared_first_token_follows_greedy_trie(tiny_model, qwen_tok):
+    # all labels share their first token, so every row takes the extra trie steps
+    task = CategoryTask.create(["computer science", "computer vision", "computer networks"])
+    enc = PromptEncoder(qwen_tok, task, max_length=256)
+    assert len({enc.label_ids[lab][0] for lab in task.labels}) == 1
+    rows = [{"question": q} for q in QUESTIONS]
+    fast = LabelScorer(tiny_model, enc).decode(rows, batch_size=4)
+    for row, res in zip(rows, fast):
+        assert res["pred"] == brute_force_greedy(tiny_model, enc.prompt_ids(row), enc.label_ids, task.labels)
+
+
+def test_fast_decode_multiple_choice_respects_each_rows_letters(tiny_model, qwen_tok):
+    rows = [{"question": "Where do you keep milk cold?", "choices": ["oven", "fridge", "drawer", "car", "roof"]},
+            {"question": "Pick one.", "choices": ["yes", "no"]},
+            {"question": "Which is a prime?", "choices": ["4", "6", "7"]}]
+    task = MultipleChoiceTask.create([{**r, "label": "A"} for r in rows])
+    enc = PromptEncoder(qwen_tok, task, max_length=256)
+    fast = LabelScorer(tiny_model, enc).decode(rows, batch_size=2)
+    for row, res in zip(rows, fast):
+        assert res["pred"] in task.row_labels(row)
