@@ -261,3 +261,32 @@ def test_tensors_digest_sees_values_names_and_dtypes():
     with pytest.raises(RuntimeError, match="did not train as one DDP job"):
         dist.check_replicas([{"adapter_sha256": "a"}, {"adapter_sha256": "b"}])
     assert dist.max_memory([{"peak_rss_mb": 1.0, "rank": 0}, {"peak_rss_mb": 3.0, "rank": 1}]) == {"peak_rss_mb": 3.0}
+
+
+# ----------------------------------------------------------------------------- launcher configs
+
+ACCELERATE_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "accelerate").glob("*.yaml"))
+
+
+def test_accelerate_configs_load_and_open_with_their_command():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    assert {p.stem for p in ACCELERATE_CONFIGS} >= {"ddp", "fsdp", "ds_zero2", "ds_zero3"}
+    for path in ACCELERATE_CONFIGS:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith(f"# accelerate launch --config_file configs/accelerate/{path.name} "), path
+        assert " -m qwen_ft train " in first, path
+        config = load_config_from_file(str(path))
+        assert config.mixed_precision == "no", path  # qwen-ft's --precision decides
+        assert config.num_machines == 1 and config.num_processes >= 2, path
+
+
+def test_accelerate_launch_ddp_config_on_cpu(tiny_qwen3, tmp_path):
+    """configs/accelerate/ddp.yaml: accelerate's launcher starts the same gloo DDP job on CPU."""
+    ddp = next(p for p in ACCELERATE_CONFIGS if p.stem == "ddp")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ddp), "--main_process_port", "0",
+           "-m", "qwen_ft", *tiny_train_args(tiny_qwen3, tmp_path / "run")]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    check_ddp_run(tmp_path / "run", proc.stdout + proc.stderr)
