@@ -40,6 +40,12 @@ def resolve_model(name: str) -> str:
             hint = " (it looks like a run folder: pass it as --model-path)" if (path / "adapter_config.json").exists() else ""
             raise UserError(f"model folder {path} has no config.json, so it is not a model{hint}",
                             "Pass a Hugging Face model folder, a hub id, or 'smollm2-135m'.")
+        if not any(path.glob("*.safetensors")):  # weights are only ever read as safetensors, never pickle
+            pickled = sorted(q.name for q in (*path.glob("*.bin"), *path.glob("*.pt"), *path.glob("*.pth")))
+            raise UserError(f"model folder {path} has no .safetensors weights"
+                            + (f" (only pickle files, which qwen-ft does not load: {', '.join(pickled)})"
+                               if pickled else ""),
+                            "Save the model with save_pretrained(..., safe_serialization=True).")
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise UserError(f"model not found: {name}",
@@ -111,7 +117,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torc
                attn_implementation: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -62,6 +62,7 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
         "memory_per_rank": [p["memory"] for p in parts],
     })
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").unlink(missing_ok=True)  # eval.json marks a whole eval: gone first, written last
     write_jsonl(out_dir / "predictions.jsonl", [
         {"id": row["id"], "label": row["label"], **pred, "correct": pred["pred"] == row["label"]}
         for row, pred in zip(rows, preds)])

@@ -41,14 +41,21 @@ def load_rows(source: str, task_name: str, data: DataArgs, id_prefix: str) -> tu
 
 
 def prepare(data: DataArgs, seed: int) -> Prepared:
-    task_name, rows, dropped = load_rows(data.data, data.task, data, "train" if data.validation_data else "row")
+    p = Problems()  # both sources are checked, and both reported, before either is used
+    loaded = p.attempt(load_rows, data.data, data.task, data, "train" if data.validation_data else "row")
+    vloaded = None
+    if data.validation_data:
+        vtask = loaded[0] if loaded else data.task
+        vloaded = p.attempt(load_rows, data.validation_data, vtask, data, "val")
+    p.raise_if_any()
+    task_name, rows, dropped = loaded
     if dropped:
         log.warning("dropped %d rows without text or label from %s", dropped, describe(data.data))
     is_mc = task_name == "multiple_choice"
     rows = sample(sample_per_label(rows, None if is_mc else data.max_samples_per_category, seed), data.max_samples, seed)
 
     if data.validation_data:
-        vtask, val_rows, vdropped = load_rows(data.validation_data, task_name, data, "val")
+        vtask, val_rows, vdropped = vloaded
         if vtask != task_name:
             raise UserError(f"--validation-data holds a {vtask} task but --data holds {task_name}")
         dropped += vdropped
@@ -64,7 +71,6 @@ def prepare(data: DataArgs, seed: int) -> Prepared:
         if data.max_validation_samples:
             splits["validation"] = sample(splits["validation"], data.max_validation_samples, seed)
 
-    p = Problems()
     for name in ("train", "validation"):
         p.check(len(splits[name]) > 0, f"the {name} split is empty ({len(rows)} rows in all)")
     p.raise_if_any("Use more rows (raise --max-samples-per-category) or change the split fractions.")
