@@ -22,3 +22,43 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--force", action="store_true", help="Redo the selected phases even when up to date.")
     p.add_argument("--output-dir", default=None, help="Study folder (overrides output_dir in the config).")
     p.set_defaults(func=lambda a: run(a.config, a.seed, a.phases, a.optimizers, a.force, a.output_dir))
+
+
+def phase_script(phases: list[str], argv: list[str], doc: str | None, positional_optimizer: bool = False) -> int:
+    """The seed's `phases/N_*.py` command lines: thin wrappers around `qwen-ft study --phases ...`."""
+    import argparse
+    import os
+    import sys
+    from pathlib import Path
+
+    from qwen_ft import distributed as dist
+    from qwen_ft.errors import UserError
+
+    p = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None)
+    if positional_optimizer:
+        p.add_argument("optimizer", help="Optimizer of the study config (adamw, sgd, adabound, ...).")
+        p.add_argument("run_dir", nargs="?", help="The study's run folder for it (checked, optional).")
+    else:
+        p.add_argument("--optimizers", nargs="+", default=None)
+    p.add_argument("--config", action="append", default=None,
+                   help="Study YAML (default: $CONFIG, else configs/demo.yaml).")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--output-dir", default=None)
+    a = p.parse_args(argv)
+    dist.setup_logging(False)
+    configs = a.config or os.environ.get("CONFIG", "").split() or [
+        str(Path(sys.argv[0]).resolve().parents[1] / "configs" / "demo.yaml")]
+    try:
+        cfg = load_study_config(configs, {"seed": a.seed, "output_dir": a.output_dir})
+        only = [a.optimizer] if positional_optimizer else a.optimizers
+        if positional_optimizer and a.run_dir is not None:
+            expected = Study(cfg).run_dir(a.optimizer)
+            if Path(a.run_dir).resolve() != expected.resolve():
+                raise UserError(f"the study's run folder for {a.optimizer} is {expected}, not {a.run_dir}",
+                                f"Pass {expected} (or nothing), or set output_dir in the config.")
+        run_study(cfg, phases, only, a.force)
+    except UserError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e.message}", file=sys.stderr)
+        return 2
+    return 0

@@ -183,7 +183,13 @@ def train_phase(study: Study, opt: str) -> dict:
             log.info("train[%s]: %s", opt, "resuming the unfinished run from its last checkpoint" if resume
                      else "the unfinished run cannot be resumed (no checkpoint or another config): starting over")
         with PeakMemory() as mem:
-            run_train(user, resume=resume, overwrite=not resume)
+            try:
+                run_train(user, resume=resume, overwrite=not resume)
+            except UserError as e:
+                if "interrupted" not in e.message:
+                    raise
+                raise UserError(e.problems, "Run the same study command again: it resumes from that checkpoint.")\
+                    from None
         final = _final_record(out)
         return {"resumed": resume, **mem.result(), "train_time_s": final.get("train_time_s")}
 

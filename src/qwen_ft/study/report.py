@@ -113,8 +113,10 @@ def plot_loss_curves(curves: dict[str, list[dict]]):
         x, y = [r["epoch"] for r in steps], [r["loss"] for r in steps]
         ax_t.plot(x, y, color=color, alpha=0.25, linewidth=0.8)
         ax_t.plot(x, _smooth(y, max(1, len(y) // 20)), color=color, label=opt, linewidth=1.8)
+        at_step = {r["step"]: r["epoch"] for r in steps}  # an evaluation at an interruption falls mid-epoch
         epochs = [r for r in records if r["type"] == "epoch"]
-        ax_v.plot([r["epoch"] for r in epochs], [r["val_loss"] for r in epochs], "o-", color=color, label=opt)
+        ax_v.plot([at_step.get(r["step"], r["epoch"]) for r in epochs], [r["val_loss"] for r in epochs], "o-",
+                  color=color, label=opt)
     ax_t.set(title="Training loss (answer tokens; faint: per step, bold: moving mean)", xlabel="epoch",
              ylabel="loss")
     ax_v.set(title="Validation loss per epoch", xlabel="epoch", ylabel="loss")

@@ -1,0 +1,42 @@
+"""Every shipped YAML loads, and opens with a comment giving the exact command that uses it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qwen_ft.study.config import load_study_config
+
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"demo.yaml", "training_config.yaml", "model_config.yaml", "csqa_cpu.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_yaml_loads_and_names_its_command(path, monkeypatch):
+    for var in ("TRAIN_BATCH_SIZE", "GRAD_ACCUM_STEPS", "USE_BF16", "USE_FLASH_ATTN"):
+        monkeypatch.delenv(var, raising=False)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and ("qwen-ft " in first or "run_all.sh" in first), first
+    cfg = load_study_config([path])
+    assert cfg.optimizers and cfg.seed == 42
+    if path.name != "model_config.yaml":
+        assert set(cfg.optimizers) == {"adamw", "sgd", "adabound"}
+        for name in cfg.optimizers:
+            user = cfg.optimizer_user(name)
+            assert user["optim.optimizer"] == name and user["optim.learning_rate"] > 0
+
+
+def test_training_config_includes_the_model_config_and_env_overrides(monkeypatch):
+    path = next(p for p in CONFIGS if p.name == "training_config.yaml")
+    monkeypatch.setenv("TRAIN_BATCH_SIZE", "4")
+    monkeypatch.setenv("GRAD_ACCUM_STEPS", "4")
+    monkeypatch.setenv("USE_BF16", "false")
+    cfg = load_study_config([path])
+    assert cfg.model.model == "Qwen/Qwen3-8B" and cfg.model.gradient_checkpointing
+    assert (cfg.train.batch_size, cfg.train.grad_accum, cfg.model.precision) == (4, 4, "fp32")
+    assert cfg.data.validation_data == "tau/commonsense_qa:validation"
