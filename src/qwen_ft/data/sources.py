@@ -45,7 +45,8 @@ def read_records(source: str, hub_split: str | None = None) -> list[dict]:
         raise UserError(f"data file not found: {source}",
                         "Pass an existing .jsonl/.json/.csv/.parquet file, a hub id like TIGER-Lab/MMLU-Pro, "
                         "or 'demo' / 'demo-mc' for the bundled sets.")
-    return _read_hub(source, hub_split)
+    repo, _, split = source.partition(":")  # "owner/name:validation" reads that split of a hub data set
+    return _read_hub(repo, split or hub_split)
 
 
 def _read_file(path: Path) -> list[dict]:
