@@ -105,3 +105,52 @@ def test_killed_run_resumes_to_the_same_adapter_and_losses(reference, tiny_qwen3
         assert not (out / "checkpoints" / "checkpoint-9").exists()
     assert (out / "COMPLETE").is_file() and not (out / "checkpoints").exists()
     assert_same_run(reference, out)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_qwen3, tmp_path, capsys,
+                                                                           monkeypatch):
+    from qwen_ft.commands.train import run_train
+    from qwen_ft.errors import TrainingDiverged
+
+    def poison_after(n: int):
+        def hook(model):
+            forward, calls = model.forward, [0]
+
+            def nan_forward(*args, **kwargs):
+                out = forward(*args, **kwargs)
+                if model.training:
+                    calls[0] += 1
+                    if calls[0] >= n:
+                        out.logits = out.logits * float("nan")
+                return out
+
+            model.forward = nan_forward
+            return model
+        return hook
+
+    out = tmp_path / "run"
+    user = {"model.model": str(tiny_qwen3), "data.data": "demo", "data.max_samples_per_category": 5,
+            "train.epochs": 2, "train.batch_size": 8, "train.save_steps": 2, "model.precision": "fp32",
+            "model.max_length": 256, "train.output_dir": str(out)}
+    with pytest.raises(TrainingDiverged) as exc:
+        run_train(user, model_hook=poison_after(5))  # the 5th training step's loss is NaN
+    msg = exc.value.message
+    assert "training diverged" in msg and "at step 5" in msg and "before the optimizer applied it" in msg
+    assert "checkpoint-4" in msg and "--learning-rate" in msg and "fp32" in msg and "--max-grad-norm" in msg
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    weights = load_file(out / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records) == 4 and not (out / "COMPLETE").exists()
+
+    # through the command line, resumed from checkpoint-4: exit code 2, the message, no traceback
+    import qwen_ft.commands.train as train_cmd
+
+    real = train_cmd.run_train
+    monkeypatch.setattr(train_cmd, "run_train", lambda user, resume=False, overwrite=False:
+                        real(user, resume, overwrite, model_hook=poison_after(1)))
+    capsys.readouterr()
+    args = tiny_train_args(tiny_qwen3, out, "--epochs", "2", "--save-steps", "2", "--resume")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "qwen-ft train: error: training diverged" in err and "at step 5" in err and "Traceback" not in err
