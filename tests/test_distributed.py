@@ -175,6 +175,23 @@ FAIL_ON_RANK_1 = """
         train.answer_loss = failing_loss
 """
 
+SIGTERM_ON_RANK_1 = """
+    import signal
+
+    from qwen_ft.commands import train
+
+    if os.environ["RANK"] == "1":  # only rank 1 is told to stop, in the middle of its second step
+        real, calls = train.answer_loss, []
+
+        def loss(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(*args, **kwargs)
+
+        train.answer_loss = loss
+"""
+
 NO_USE_CPU = """
     import peft  # noqa: F401  (importing peft replaces the lazy `transformers` module: patch after it)
     import transformers
@@ -201,6 +218,17 @@ def test_failing_rank_stops_the_job(tiny_qwen3, tmp_path):
     assert "qwen-ft train [rank 1/2]: error: injected failure on rank 1 (bad batch)" in output
     assert not (tmp_path / "run" / "COMPLETE").exists()  # the half-done folder does not look finished
     assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+def test_signal_on_one_rank_stops_every_rank_at_the_same_step(tiny_qwen3, tmp_path):
+    script = launcher(tmp_path, SIGTERM_ON_RANK_1)
+    rc, output, seconds = torchrun(*tiny_train_args(tiny_qwen3, tmp_path / "run", "--epochs", "2"), cwd=tmp_path,
+                                   script=script)
+    assert rc != 0 and seconds < 180
+    for r in (0, 1):  # rank 0 saw no signal but stopped with rank 1, so that rank 0 could write the checkpoint
+        assert f"qwen-ft train [rank {r}/2]: error: training interrupted at step 2" in output
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["checkpoint-2"]
+    assert not (tmp_path / "run" / "COMPLETE").exists()
 
 
 def test_processes_that_would_train_separately_are_refused(tiny_qwen3, tmp_path):

@@ -225,6 +225,8 @@ class CheckpointTriggers(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.save_steps and state.global_step % self.save_steps == 0:
             control.should_save = True
+        if dist.any_rank(self.signal is not None) and self.signal is None:  # all ranks stop at the same step
+            self.signal = signal.SIGTERM
         if self.signal is not None and not self._at_epoch_end(state):
             control.should_save = True
             control.should_training_stop = True
