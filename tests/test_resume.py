@@ -56,8 +56,15 @@ def losses(run: Path) -> list[tuple]:
             for r in rows if r["type"] in ("step", "epoch")]
 
 
+def final(run: Path) -> dict:
+    rec = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert rec["type"] == "final"
+    return {k: rec[k] for k in ("step", "epochs_run", "best_val_loss", "train_loss")}
+
+
 def assert_same_run(a: Path, b: Path) -> None:
     assert losses(a) == losses(b)
+    assert final(a) == final(b)
     ta, tb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
     assert ta.keys() == tb.keys()
     for k in ta:

@@ -33,6 +33,7 @@ from qwen_ft.runs import (
     RunDir,
     env_info,
     prepare_output_dir,
+    read_jsonl_tolerant,
     remove_torn_checkpoints,
     staged_dir,
     write_json,
@@ -171,7 +172,7 @@ def run_train(user: dict, resume: bool = False, overwrite: bool = False, model_h
     trainer = _build_trainer(cfg, run, model, tokenizer, train_ds, val_ds, precision)
     triggers = next(c for c in trainer.callback_handler.callbacks if isinstance(c, CheckpointTriggers))
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_time = time.time() - t0
     if triggers.signal is not None and trainer.state.global_step < trainer.state.max_steps:
         raise UserError(f"training interrupted at step {trainer.state.global_step}; a checkpoint was saved in "
@@ -194,7 +195,7 @@ def run_train(user: dict, resume: bool = False, overwrite: bool = False, model_h
             "type": "final", "step": trainer.state.global_step, "epochs_run": round(epochs_run, 4),
             "best_val_loss": trainer.state.best_metric, "train_time_s": round(train_time, 2),
             "train_samples_per_s": round(len(train_ds) * epochs_run / train_time, 3),
-            "train_tokens_per_s": round(tokens / train_time, 1), "train_loss": result.training_loss,
+            "train_tokens_per_s": round(tokens / train_time, 1), "train_loss": _mean_step_loss(out / "metrics.jsonl"),
             "world_size": world, "global_batch": global_batch, **dist.max_memory(per_rank), "per_rank": per_rank,
         }
         with open(out / "metrics.jsonl", "a") as f:
@@ -208,6 +209,13 @@ def run_train(user: dict, resume: bool = False, overwrite: bool = False, model_h
                  trainer.state.best_metric or float("nan"), epochs_run, out)
     dist.barrier()
     return out
+
+
+def _mean_step_loss(metrics: Path) -> float | None:
+    """Mean logged training loss over the whole run, from metrics.jsonl, so a resumed run reports the same value
+    as an uninterrupted one (the Trainer's own figure covers only the steps since the resume)."""
+    losses = [r["loss"] for r in read_jsonl_tolerant(metrics) if r.get("type") == "step"]
+    return sum(losses) / len(losses) if losses else None
 
 
 def _rank_report(trainer) -> dict:
