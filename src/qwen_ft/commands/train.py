@@ -281,6 +281,7 @@ def _build_trainer(cfg: TrainConfig, run: RunDir, model, tokenizer, train_ds, va
         logging_strategy="steps",
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # log a NaN loss as NaN (DivergenceGuard stops on it)
+        restore_callback_states_from_checkpoint=True,  # early-stopping patience survives a resume
         eval_strategy="epoch",
         save_strategy="epoch",
         save_total_limit=2,
