@@ -282,3 +282,17 @@ def test_command_line_exit_code_and_no_traceback(tiny_qwen3, tmp_path):
     assert not out.exists()
     res = subprocess.run([*cmd, "--debug"], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode != 0 and "Traceback" in res.stderr and "UserError" in res.stderr
+
+
+def test_validate_reports_flag_and_folder_problems_together(capsys, tmp_path):
+    err = fail(capsys, ["validate", "--model-path", str(tmp_path / "none"), "--batch-size", "0",
+                        "--num-val-samples", "-1"])
+    assert "3 problems found" in err and "--batch-size" in err and "--num-val-samples" in err
+    assert "run folder not found" in err
+
+
+def test_resume_with_other_flags_refused(train, tmp_path, tiny_run):
+    run = copy_run(tiny_run, tmp_path / "run")
+    (run / "COMPLETE").unlink()
+    err = train("--learning-rate", "0.5", "--resume", output_dir=run, keep=True)
+    assert "the config differs from the unfinished run" in err and "config.yaml" in err

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from qwen_ft import distributed as dist
-from qwen_ft.errors import UserError
+from qwen_ft.errors import Problems, UserError
 from qwen_ft.inference import load_run
 from qwen_ft.metrics import classification_report, write_confusion
 from qwen_ft.runs import RunDir, write_json, write_jsonl
@@ -21,11 +21,12 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
                  base_model: str | None = None, precision: str = "auto", gpu_id: int | None = None,
                  baseline: bool = False) -> dict:
     dist.select_gpu(gpu_id)
-    if batch_size <= 0:
-        raise UserError(f"--batch-size must be > 0 (got {batch_size})")
-    if num_samples is not None and num_samples <= 0:
-        raise UserError(f"--num-val-samples must be > 0 (got {num_samples})")
-    rows = RunDir(model_path).require_complete().split(split)
+    p = Problems()  # every problem with the flags and the folder at once
+    p.check(batch_size > 0, f"--batch-size must be > 0 (got {batch_size})")
+    p.check(num_samples is None or num_samples > 0, f"--num-val-samples must be > 0 (got {num_samples})")
+    run = p.attempt(RunDir(model_path).require_complete)
+    p.raise_if_any()
+    rows = run.split(split)
     if not rows:
         raise UserError(f"the {split} split of {model_path} is empty", "Use --split validation or --split test.")
     rows = rows[:num_samples] if num_samples else rows
