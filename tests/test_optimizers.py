@@ -63,9 +63,9 @@ def _train_losses(lora_batch, name: str, steps: int = 12, lr: float | None = Non
 def test_each_optimizer_reduces_loss_at_its_default_lr(lora_batch, name):
     losses = _train_losses(lora_batch, name)
     assert all(math.isfinite(v) for v in losses)
-    # a fixed batch: every step must lower the loss (a random tiny model moves slowly at Adam's 2e-4)
-    assert all(b < a for a, b in zip(losses, losses[1:])), f"{name}: {losses}"
-    assert losses[-1] < losses[0] - 0.02, f"{name}: {losses[0]:.4f} -> {losses[-1]:.4f}"
+    # a fixed batch; a random tiny model moves slowly at Adam's 2e-4, momentum SGD may overshoot a step
+    assert losses[-1] < losses[0] - 0.02, f"{name}: {losses}"
+    assert sum(b > a for a, b in zip(losses, losses[1:])) <= 2, f"{name}: {losses}"
 
 
 def test_adabound_step_bounds_follow_luo_et_al_2019():
@@ -101,14 +101,15 @@ def test_adabound_converges_to_sgd_with_final_lr():
     for g in (1e-4, 1.0, 1e3):
         p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
         opt = AdaBound([p], lr=1e-3, final_lr=0.1, gamma=1e3, weight_decay=0.0)
-        m, theta = 0.0, 0.0
+        m, theta, prev = 0.0, 0.0, 0.0
         for t in range(1, 6):
             p.grad = torch.tensor([g], dtype=torch.float64)
             opt.step()
             m = 0.9 * m + 0.1 * g
-            theta -= 0.1 * m
             lower, upper = 0.1 * (1 - 1 / (1e3 * t + 1)), 0.1 * (1 + 1 / (1e3 * t))
-            assert lower * m <= -(float(p) - (theta + 0.1 * m)) <= upper * m or g < 0
+            moved, prev = prev - float(p), float(p)
+            assert lower * m * (1 - 1e-9) <= moved <= upper * m * (1 + 1e-9)
+            theta -= 0.1 * m
         assert float(p) == pytest.approx(theta, rel=2e-3)
 
 

@@ -177,7 +177,7 @@ def test_interrupted_training_resumes(tiny_qwen3, tmp_path, monkeypatch):
 def test_study_config_errors(tiny_qwen3, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("optimizer: {adamw: {}}\n")
-    with pytest.raises(UserError, match="unknown key 'optimizer' \\(did you mean 'optimizers'\\?\\)"):
+    with pytest.raises(UserError, match="unknown key 'optimizer'"):
         load_study_config([bad])
     bad.write_text("optimizers: {adamw: {}, sgd: {kwargs: {momentun: 0.9}}}\n")
     with pytest.raises(UserError, match="optimizers.sgd.*momentun"):
