@@ -173,6 +173,12 @@ def shard(items: list) -> list[int]:
     return list(range(rank(), len(items), world_size()))
 
 
+def batch_plan(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Row indices sorted by length (less padding) and cut into batches: the same plan on every rank."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def tensors_digest(tensors: dict) -> str:
     """sha256 over names, dtypes, shapes and values (fp32 bytes): equal digests = equal weights."""
     h = hashlib.sha256()

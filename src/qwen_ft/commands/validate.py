@@ -35,17 +35,19 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
     dist.init()
     loaded = load_run(model_path, base_model, precision, adapter=not baseline)
     labels = loaded.encoder.task.labels
-    mine = dist.shard(rows)
+    scorer = loaded.scorer
+    predict = {
+        "constrained": scorer.decode,  # fast: shared-prefix KV cache + greedy decoding over the label trie
+        "exact": scorer.score,  # every label's exact log-probability (and a distribution over labels)
+    }.get(decode, scorer.generate)
+    # The same batches for 1..N processes, each rank taking every N-th: a row meets the same neighbours
+    # (padding, shared prefix) as in one process, so the predictions do not depend on the process count.
+    batches = dist.batch_plan([len(loaded.encoder.prompt_ids(row)) for row in rows], batch_size)
+    results = []
     with Timer() as timer:
-        scorer = loaded.scorer
-        mine_rows = [rows[i] for i in mine]
-        if decode == "constrained":  # fast: shared-prefix KV cache + greedy decoding over the label trie
-            results = scorer.decode(mine_rows, batch_size)
-        elif decode == "exact":  # every label's exact log-probability (and a distribution over labels)
-            results = scorer.score(mine_rows, batch_size)
-        else:
-            results = scorer.generate(mine_rows, batch_size)
-    parts = dist.gather_objects({"results": list(zip(mine, results)), "seconds": timer.seconds,
+        for b in dist.shard(batches):
+            results += zip(batches[b], predict([rows[i] for i in batches[b]], batch_size))
+    parts = dist.gather_objects({"results": results, "seconds": timer.seconds,
                                  "tokens": scorer.n_prompt_tokens, "memory": dist.peak_memory()})
     if not dist.is_main():
         return {}
