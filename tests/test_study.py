@@ -135,6 +135,16 @@ def test_rerun_skips_force_redoes_and_changes_propagate(study_dir, tiny_qwen3):
     assert set(_statuses(again).values()) == {"skipped"}
     forced = run_study(load_study_config([cfg_path]), phases=["eval"], only=["sgd"], force=True)
     assert _statuses(forced) == {"eval[sgd]": "done"}
+    # the same seed reproduces the same losses and accuracy when training is redone
+    run, ev = study_dir / "experiments" / "adamw", study_dir / "results" / "eval" / "adamw" / "eval.json"
+    before = [(r["type"], r.get("loss"), r.get("val_loss")) for r in map(json.loads, open(run / "metrics.jsonl"))
+              if r["type"] != "final"]
+    acc = json.loads(ev.read_text())["accuracy"]
+    redo = run_study(load_study_config([cfg_path]), phases=["train", "merge", "eval"], only=["adamw"], force=True)
+    assert set(_statuses(redo).values()) == {"done"}
+    assert before == [(r["type"], r.get("loss"), r.get("val_loss")) for r in map(json.loads, open(run / "metrics.jsonl"))
+                      if r["type"] != "final"]
+    assert json.loads(ev.read_text())["accuracy"] == acc
     # a different eval batch size changes the eval hash: eval + analysis rerun, training does not
     cfg_path.write_text(cfg_path.read_text().replace("eval: {batch_size: 16}", "eval: {batch_size: 4}"))
     changed = run_study(load_study_config([cfg_path]))
