@@ -28,6 +28,7 @@ the vocabulary head only at the positions where logits are computed and needed.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -291,6 +292,9 @@ def run_reference(spec: dict) -> dict:
     result = {"train": train_summary(counter, timing, len(train_rows), peak)}
 
     # validation: one free generate per sample, 10 new tokens, prefix match of the text
+    trainer.optimizer = trainer.lr_scheduler = None
+    del trainer
+    gc.collect()
     model.eval()
     labels = task.labels
     preds, t0 = [], time.perf_counter()

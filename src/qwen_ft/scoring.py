@@ -53,6 +53,7 @@ class LabelScorer:
         self.cont_ids, self.cont_targets = self.cont_ids.to(self.device), self.cont_targets.to(self.device)
         self.n_prompt_tokens = 0
         self.n_computed_tokens = 0  # tokens actually run through the model (shared prefix counted once)
+        self.share_prefix = True  # compute the instruction common to all prompts once (off: for measurements)
 
     def _order(self, rows: list[dict]) -> tuple[list[list[int]], list[int]]:
         prompts = [self.encoder.prompt_ids(r) for r in rows]
@@ -184,7 +185,7 @@ class LabelScorer:
         if not rows:
             return []
         prompts, order = self._order(rows)
-        prefix = self._shared_prefix(prompts)
+        prefix = self._shared_prefix(prompts) if self.share_prefix else []
         cache = self._prefix_cache(prefix)
         index = {lab: j for j, lab in enumerate(self.labels)}
         firsts = self.first.cpu()

@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""One lever at a time, in one process, variants interleaved (A B C A B C ...) so machine load hits all alike.
+
+    python benchmarks/levers.py --model smollm2-135m --data ../shared/data/mmlu_pro/test.parquet --json levers.json
+
+Training: tokens/s of LoRA training steps on the same length-grouped batches for
+fp32 / bf16 autocast over fp32 weights / bf16 weights (LoRA fp32), LoRA dropout 0 vs 0.05, and
+logits for the answer positions only vs every position. Validation: samples/s of exact scoring vs the
+fast trie decode, with and without the shared-prefix KV cache, bf16 vs fp32 weights, batch sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from qwen_ft.config import DataArgs, LoraArgs
+from qwen_ft.data.prepare import prepare
+from qwen_ft.encoding import PromptEncoder
+from qwen_ft.models import apply_lora, load_model, load_tokenizer, resolve_model
+from qwen_ft.scoring import LabelScorer
+from qwen_ft.training import LeftPadCollator, answer_loss
+
+
+def train_batches(encoder, rows, batch_size: int, n: int, seed: int = 0) -> list[dict]:
+    """n length-grouped batches (sorted mega-batch, as the Trainer's group_by_length does)."""
+    feats = [encoder.train_example(r) for r in rows]
+    random.Random(seed).shuffle(feats)
+    feats = sorted(feats[: batch_size * n * 4], key=lambda f: -f["length"])
+    groups = [feats[i: i + batch_size] for i in range(0, len(feats), batch_size)]
+    random.Random(seed).shuffle(groups)
+    collate = LeftPadCollator(encoder.tok.pad_token_id)
+    return [collate(g) for g in groups[:n]]
+
+
+class TrainVariant:
+    def __init__(self, name, path, weights, autocast, dropout, keep_logits=True):
+        self.name, self.autocast, self.keep_logits = name, autocast, keep_logits
+        torch.manual_seed(0)
+        model = load_model(path, weights)
+        self.model = apply_lora(model, LoraArgs(rank=16, alpha=32, dropout=dropout))
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=1e-4)
+        self.times, self.tokens = [], []
+
+    def step(self, batch: dict) -> None:
+        batch = dict(batch)
+        labels = batch.pop("labels")
+        keep = batch.pop("logits_to_keep")
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else nullcontext()
+        t0 = time.perf_counter()
+        with ctx:
+            out = self.model(**batch, logits_to_keep=keep if self.keep_logits else 0)
+            if self.keep_logits:
+                loss = answer_loss(out, labels)
+            else:
+                lg = out.logits[:, :-1].float()
+                loss = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.size(-1)), labels[:, 1:].reshape(-1))
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.times.append(time.perf_counter() - t0)
+        self.tokens.append(int(batch["attention_mask"].sum()))
+
+
+def bench_training(path, encoder, rows, steps: int, batch_size: int) -> dict:
+    variants = [
+        TrainVariant("fp32, dropout 0.05", path, torch.float32, False, 0.05),
+        TrainVariant("fp32, dropout 0", path, torch.float32, False, 0.0),
+        TrainVariant("bf16 autocast / fp32 weights, dropout 0.05", path, torch.float32, True, 0.05),
+        TrainVariant("bf16 autocast / fp32 weights, dropout 0 (current default)", path, torch.float32, True, 0.0),
+        TrainVariant("bf16 autocast / fp32 weights, dropout 0, logits at every position", path, torch.float32,
+                     True, 0.0, keep_logits=False),
+        TrainVariant("bf16 weights (LoRA fp32) + autocast, dropout 0", path, torch.bfloat16, True, 0.0),
+    ]
+    batches = train_batches(encoder, rows, batch_size, steps + 1)
+    for v in variants:  # warm-up step (allocator, kernels)
+        v.step(batches[0])
+        v.times, v.tokens = [], []
+    for b in batches[1:]:
+        for v in variants:
+            v.step(b)
+    return {v.name: round(sum(v.tokens) / sum(v.times), 1) for v in variants}
+
+
+def bench_eval(path, encoder, rows, rounds: int) -> dict:
+    models = {"bf16": load_model(path, torch.bfloat16).eval(), "fp32": load_model(path, torch.float32).eval()}
+    cases = [
+        ("exact score, bf16, batch 16", "bf16", "score", 16, True),
+        ("trie decode, bf16, batch 16, no shared prefix", "bf16", "decode", 16, False),
+        ("trie decode, fp32, batch 32, shared prefix", "fp32", "decode", 32, True),
+        ("trie decode, bf16, batch 8, shared prefix", "bf16", "decode", 8, True),
+        ("trie decode, bf16, batch 16, shared prefix", "bf16", "decode", 16, True),
+        ("trie decode, bf16, batch 32, shared prefix", "bf16", "decode", 32, True),
+        ("trie decode, bf16, batch 64, shared prefix", "bf16", "decode", 64, True),
+    ]
+    out: dict[str, list[float]] = {c[0]: [] for c in cases}
+    preds = {}
+    for _ in range(rounds):
+        for name, dtype, method, bs, share in cases:
+            scorer = LabelScorer(models[dtype], encoder)
+            scorer.share_prefix = share
+            t0 = time.perf_counter()
+            res = getattr(scorer, method)(rows, bs)
+            out[name].append(len(rows) / (time.perf_counter() - t0))
+            preds[name] = [r["pred"] for r in res]
+    result = {k: round(statistics.median(v), 2) for k, v in out.items()}
+    base = preds["trie decode, bf16, batch 32, shared prefix"]
+    result["agreement with 'exact score' (untrained model)"] = round(
+        sum(a == b for a, b in zip(base, preds["exact score, bf16, batch 16"])) / len(base), 3)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/mmlu_pro/test.parquet"))
+    p.add_argument("--max-samples-per-category", type=int, default=40)
+    p.add_argument("--train-steps", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--eval-rows", type=int, default=56)
+    p.add_argument("--eval-rounds", type=int, default=2)
+    p.add_argument("--skip", choices=("train", "eval"), default=None)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    prepared = prepare(DataArgs(data=a.data, task="category", max_samples_per_category=a.max_samples_per_category), 42)
+    path = resolve_model(a.model)
+    encoder = PromptEncoder(load_tokenizer(path), prepared.task, 512)
+    result = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    if a.skip != "train":
+        result["train_tokens_per_s"] = bench_training(path, encoder, prepared.splits["train"], a.train_steps,
+                                                      a.batch_size)
+        print(json.dumps(result["train_tokens_per_s"], indent=1), flush=True)
+    if a.skip != "eval":
+        result["eval_samples_per_s"] = bench_eval(path, encoder, prepared.splits["validation"][: a.eval_rows],
+                                                  a.eval_rounds)
+        print(json.dumps(result["eval_samples_per_s"], indent=1), flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
