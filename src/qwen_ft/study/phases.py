@@ -168,12 +168,12 @@ def data_phase(study: Study) -> dict:
 
 def train_phase(study: Study, opt: str) -> dict:
     """One `qwen-ft train` run: same data, seed, order and budget for every optimizer."""
-    from qwen_ft.commands.train import resolve_config, run_train
-    from qwen_ft.config import config_hash
-
     out = study.run_dir(opt)
 
     def work() -> dict:
+        from qwen_ft.commands.train import resolve_config, run_train  # Trainer imports: only when training
+        from qwen_ft.config import config_hash
+
         user = study.train_user(opt)
         resume = False
         if out.exists() and not study.force and (out / "run.json").is_file() and not RunDir(out).complete:
