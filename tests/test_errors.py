@@ -296,3 +296,24 @@ def test_resume_with_other_flags_refused(train, tmp_path, tiny_run):
     (run / "COMPLETE").unlink()
     err = train("--learning-rate", "0.5", "--resume", output_dir=run, keep=True)
     assert "the config differs from the unfinished run" in err and "config.yaml" in err
+
+
+# ----------------------------------------------------------------------------- safety
+
+def test_no_remote_code_no_pickle_in_the_package():
+    import re
+
+    from qwen_ft.config import TrainConfig
+
+    assert TrainConfig().model.trust_remote_code is False
+    for path in (REPO / "src" / "qwen_ft").rglob("*.py"):
+        text = path.read_text()
+        assert "trust_remote_code=True" not in text, path
+        assert not re.search(r"^\s*(import|from)\s+(c?pickle|dill|joblib)\b", text, re.M), path
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (path, call)
+
+
+def test_finished_run_holds_no_pickle(tiny_run):
+    pickled = [p for p in tiny_run.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle")]
+    assert not pickled and (tiny_run / "adapter_model.safetensors").is_file()

@@ -79,7 +79,8 @@ def reference(tiny_qwen3, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
-def test_killed_run_resumes_to_the_same_adapter_and_losses(reference, tiny_qwen3, tmp_path, capsys, sig):
+def test_killed_run_resumes_to_the_same_adapter_and_losses(reference, tiny_qwen3, tmp_path, capsys, monkeypatch,
+                                                          sig):
     out = tmp_path / "run"
     args = tiny_train_args(tiny_qwen3, out, *EXTRA)
     # call 11 = step 10's forward: mid epoch 2 (steps 7-12, validation batch = call 7), after checkpoint-8
@@ -107,7 +108,16 @@ def test_killed_run_resumes_to_the_same_adapter_and_losses(reference, tiny_qwen3
         with open(out / "metrics.jsonl", "a") as f:
             f.write('{"type": "step", "step": 9, "lo')
 
+    real_load, loaded = torch.load, []
+
+    def safe_load(*a, **k):  # the checkpoint's optimizer/scheduler/RNG files: never unpickled with code
+        assert k.get("weights_only") is True, a
+        loaded.append(Path(a[0]).name)
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(torch, "load", safe_load)
     assert main([*args, "--resume"]) == 0
+    assert "optimizer.pt" in loaded  # the check above did see the resume's loads
     if sig == signal.SIGKILL:
         assert not (out / "checkpoints" / "checkpoint-9").exists()
     assert (out / "COMPLETE").is_file() and not (out / "checkpoints").exists()
