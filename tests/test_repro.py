@@ -57,3 +57,18 @@ def test_truncation_cuts_the_question_never_the_instruction_or_answer(qwen3_toke
     assert "<|im_start|>assistant" in text and "Describe the cell." in text and " ..." in text
     answer = enc.label_ids["computer science"]
     assert ex["labels"][-len(answer):] == answer and all(v == IGNORE for v in ex["labels"][:-len(answer)])
+
+
+def test_validate_counts_truncated_prompts(tiny_run, tmp_path, capsys):
+    import yaml
+
+    from tests.conftest import copy_run
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"]["max_length"] = 86
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert main(["validate", "--model-path", str(run), "--precision", "fp32"]) == 0
+    report = json.loads((run / "eval" / "eval.json").read_text())
+    assert 0 < report["truncated_prompts"] <= report["n"]
+    assert f"{report['truncated_prompts']} of {report['n']} prompts were longer" in capsys.readouterr().out

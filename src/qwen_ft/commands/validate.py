@@ -43,6 +43,7 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
     # The same batches for 1..N processes, each rank taking every N-th: a row meets the same neighbours
     # (padding, shared prefix) as in one process, so the predictions do not depend on the process count.
     batches = dist.batch_plan([len(loaded.encoder.prompt_ids(row)) for row in rows], batch_size)
+    truncated = loaded.encoder.n_truncated  # each rank has encoded every row exactly once so far
     results = []
     with Timer() as timer:
         for b in dist.shard(batches):
@@ -62,8 +63,11 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
         "world_size": dist.world_size(), "seconds": round(seconds, 3),
         "samples_per_s": round(len(rows) / seconds, 3) if seconds else None,
         "prompt_tokens_per_s": round(sum(p["tokens"] for p in parts) / seconds, 1) if seconds else None,
-        "memory_per_rank": [p["memory"] for p in parts],
+        "memory_per_rank": [p["memory"] for p in parts], "truncated_prompts": truncated,
     })
+    if truncated:
+        log.warning("%d of %d prompts were longer than --max-length %d: their question text was truncated",
+                    truncated, len(rows), loaded.encoder.max_length)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").unlink(missing_ok=True)  # eval.json marks a whole eval: gone first, written last
     write_jsonl(out_dir / "predictions.jsonl", [
