@@ -182,6 +182,17 @@ def test_model_path_that_does_not_exist(train, tmp_path):
     assert "model not found" in err and "missing-model" in err
 
 
+def test_model_errors_come_before_a_hub_download(train, tmp_path, monkeypatch):
+    import qwen_ft.data.sources as sources
+
+    def no_download(*a, **k):
+        raise AssertionError("the hub data set was fetched although the model was already wrong")
+
+    monkeypatch.setattr(sources, "_read_hub", no_download)
+    err = train("--model", str(tmp_path / "missing-model"), "--data", "someone/some-dataset")
+    assert "model not found" in err and "problems found" not in err
+
+
 def test_model_folder_that_is_not_a_model(train, tmp_path, tiny_qwen3, tiny_run):
     (tmp_path / "empty-model").mkdir()
     assert "has no config.json, so it is not a model" in train("--model", str(tmp_path / "empty-model"))
