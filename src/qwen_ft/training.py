@@ -180,12 +180,14 @@ class DivergenceGuard(TrainerCallback):
     checkpoint stay finite) or NaN/inf logged loss, naming the step and keeping the last good checkpoint."""
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if args.fp16:  # the loss scaler expects inf gradients now and then: it skips that step and rescales
+            return
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None] if model else []
         if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()):
             self._stop(args, state, "the gradient", state.global_step + 1, before_update=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        for key in ("loss", "grad_norm"):
+        for key in ("loss",) if args.fp16 else ("loss", "grad_norm"):
             value = (logs or {}).get(key)
             if value is not None and not math.isfinite(value):
                 self._stop(args, state, f"{key} ({value})", state.global_step, before_update=False)
