@@ -328,3 +328,14 @@ def test_no_remote_code_no_pickle_in_the_package():
 def test_finished_run_holds_no_pickle(tiny_run):
     pickled = [p for p in tiny_run.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle")]
     assert not pickled and (tiny_run / "adapter_model.safetensors").is_file()
+
+
+def test_overwrite_replaces_a_finished_run_whole(tiny_qwen3, tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path / "run")
+    (run / "eval").mkdir(exist_ok=True)
+    (run / "eval" / "stale.json").write_text("{}")
+    old_config = (run / "config.hash").read_text()
+    assert main(tiny_train_args(tiny_qwen3, run, "--max-steps", "1", "--overwrite")) == 0
+    assert (run / "COMPLETE").is_file() and not (run / "eval").exists()  # nothing of the old run is mixed in
+    assert (run / "config.hash").read_text() != old_config
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging folders left beside it
