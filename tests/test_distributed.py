@@ -245,6 +245,24 @@ def test_invalid_gpu_id_is_a_clear_error(monkeypatch):
         dist.select_gpu(0)
 
 
+def test_gpu_id_hides_the_other_gpus(monkeypatch):
+    """The GPU choice itself, with CUDA mocked (this machine has none): ids count within CUDA_VISIBLE_DEVICES."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5,7")
+    dist.select_gpu(1)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5,7")
+    with pytest.raises(UserError, match=r"--gpu-id 4 is invalid: 4 GPU\(s\) are visible \(ids 0..3\)"):
+        dist.select_gpu(4)
+    dist.select_gpu(None)  # one process on a 4-GPU machine: GPU 0 only, not DataParallel over all four
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    dist.select_gpu(2)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2"
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_shards_cover_every_row_once_in_the_same_batches(monkeypatch, world):
     lengths = [5, 3, 9, 1, 7, 7, 2, 8, 4, 6, 3]
