@@ -158,7 +158,7 @@ def plot_resources(rows: list[dict]):
         values = [r.get(key) or 0 for r in rows]
         bars = ax.bar(names, values, color=[f"C{i}" for i in range(len(rows))], alpha=0.85)
         for bar, v in zip(bars, values):
-            ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+            ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.4g}", ha="center", va="bottom", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         ax.tick_params(axis="x", rotation=20)
