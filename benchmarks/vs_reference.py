@@ -381,9 +381,10 @@ def run_ours(spec: dict) -> dict:
 
 def worker_main(which: str, spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
-    if spec.get("threads"):
+    if spec.get("threads"):  # both pipelines on this many threads (ours: through QWEN_FT_THREADS)
         import torch
 
+        os.environ["QWEN_FT_THREADS"] = str(spec["threads"])
         torch.set_num_threads(spec["threads"])
     sys.path.insert(0, str(REPO / "src"))
     result = run_reference(spec) if which == "reference" else run_ours(spec)
