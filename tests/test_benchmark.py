@@ -23,7 +23,7 @@ QUESTIONS = ["Why is the sky blue?", "What is a contract?", "x", "Define entropy
 def test_benchmark_script_end_to_end(tiny_qwen3, tmp_path):
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
     cmd = [sys.executable, str(REPO / "benchmarks" / "vs_reference.py"), "--model", str(tiny_qwen3),
-           "--data", "demo", "--max-samples-per-category", "2", "--budget-s", "1", "--num-val-samples", "4",
+           "--data", "demo", "--max-samples-per-category", "3", "--budget-s", "1", "--num-val-samples", "4",
            "--max-length", "96", "--peak-seconds", "0.05", "--json", str(out_json), "--markdown", str(out_md),
            "--workdir", str(tmp_path / "work")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
