@@ -22,13 +22,13 @@ _threads_set: int | None = None
 
 
 def configure_threads() -> int:
-    """CPU: one torch thread per core that is not already busy (at least 1); once per process.
+    """CPU: the cores of this machine divided among the local processes (at least 1); once per process.
 
-    Every parallel op ends in a barrier across its threads, so a thread that the OS has descheduled in
-    favour of another process stalls all others for a time slice. Measured on the shared 2-core machine
-    at load ~5: a [16, 100, 576] elementwise multiply took 8-11 ms with 2 threads and 0.1-0.3 ms with 1,
-    and a bf16 matmul ran faster with 1 thread (136 vs 107 GFLOP/s). On an idle machine all cores are used.
-    QWEN_FT_THREADS=N (or OMP_NUM_THREADS) sets the count explicitly.
+    The count is fixed by the machine, not by its momentary load, because the thread count changes the
+    summation order of matmuls and so the last bits of results: same seed, same results needs the same
+    count. On a machine shared with other jobs, fewer threads are much faster (every parallel op waits
+    for all its threads at a barrier; at load ~5 on 2 cores, 1 thread validated 1.85x faster than 2):
+    set QWEN_FT_THREADS=N (or OMP_NUM_THREADS) there.
     """
     global _threads_set
     if _threads_set is not None:
@@ -41,15 +41,7 @@ def configure_threads() -> int:
         n = max(1, int(explicit))
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        per_process = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-        try:
-            busy = os.getloadavg()[0]
-        except OSError:
-            busy = 0.0
-        n = max(1, min(per_process, int(cores - busy + 0.5)))
-        if n < per_process:
-            log.info("CPU: %d of %d cores busy (load %.1f): using %d torch thread(s); set QWEN_FT_THREADS to "
-                     "override", min(cores, round(busy)), cores, busy, n)
+        n = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     torch.set_num_threads(n)
     _threads_set = n
     return n
