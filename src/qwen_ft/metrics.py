@@ -29,7 +29,10 @@ def classification_report(golds: list[str], preds: list[str | None], labels: lis
         "n": n,
         "accuracy": correct / n if n else 0.0,
         "accuracy_ci95": [low, high],
-        "macro_f1": float(f1_score(golds, preds, labels=labels, average="macro", zero_division=0)),
+        # macro-F1 over the labels that occur (gold or predicted): a label absent from a subsample
+        # (e.g. --num-val-samples 50) would otherwise count as F1 = 0
+        "macro_f1": float(f1_score(golds, preds, labels=[lab for lab in labels if lab in set(golds) | set(preds)],
+                                   average="macro", zero_division=0)),
         "weighted_f1": float(f1_score(golds, preds, labels=labels, average="weighted", zero_division=0)),
         "valid_pct": 100.0 * sum(p != INVALID for p in preds) / n if n else 0.0,
         "per_label": {lab: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
