@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
@@ -17,7 +16,6 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
-log = logging.getLogger(__name__)
 _threads_set: int | None = None
 
 

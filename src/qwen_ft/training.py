@@ -110,9 +110,8 @@ class QuietProgress(ProgressCallback):
 class EpochMetrics(TrainerCallback):
     """metrics.jsonl (a line per step and per epoch), one readable line per epoch, overfit warning."""
 
-    def __init__(self, path: Path, tokens_per_epoch: int):
+    def __init__(self, path: Path):
         self.path = path
-        self.tokens_per_epoch = tokens_per_epoch
         self.epoch_steps: list[dict] = []
         self.history: list[dict] = []
         self.t0 = time.time()

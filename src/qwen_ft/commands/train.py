@@ -306,7 +306,7 @@ def _build_trainer(cfg: TrainConfig, run: RunDir, model, tokenizer, train_ds, va
         dataloader_num_workers=0,
     )
     dist.require_trainer_world(args.world_size)
-    callbacks = [EpochMetrics(run / "metrics.jsonl", sum(train_ds["length"])), DivergenceGuard(),
+    callbacks = [EpochMetrics(run / "metrics.jsonl"), DivergenceGuard(),
                  CheckpointTriggers(t.save_steps)]
     if t.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))

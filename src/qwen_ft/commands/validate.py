@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -95,10 +94,6 @@ def summary_table(report: dict, labels: list[str]) -> str:
         f"{report['samples_per_s']} samples/s on {report['world_size']} process(es)",
     ]
     return "\n".join(lines)
-
-
-def format_eval(path: Path) -> str:
-    return json.dumps(json.loads(path.read_text()), indent=2)
 
 
 def add_parser(sub, name: str) -> None:
