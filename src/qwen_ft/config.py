@@ -56,6 +56,9 @@ class DataArgs:
     max_validation_samples: int | None = arg(None, "Use at most this many validation rows (seeded sample).", "--max-validation-samples")
     val_fraction: float = arg(0.2, "Fraction of rows for validation.", "--val-fraction")
     test_fraction: float = arg(0.2, "Fraction of rows for test.", "--test-fraction")
+    answer_format: str = arg("letter", "Multiple choice: the model writes the letter, or the text of the correct "
+                             "choice (mapped back to its letter; for models too small to bind letters).",
+                             "--answer-format", ("letter", "text"))
     instruction: str | None = arg(None, "System instruction; {labels} is replaced by the label list.", "--instruction")
     question_template: str | None = arg(None, "User message; {question} (and {choices} for multiple choice).", "--question-template")
 

@@ -69,23 +69,47 @@ class PromptEncoder:
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    # ------------------------------------------------------------------ label ids
+    # ------------------------------------------------------------------ answer ids
+    def answer_ids(self, text: str) -> list[int]:
+        """The tokens the model writes to answer `text`, end-of-turn included."""
+        return self._ids(("" if self.has_template else " ") + text) + [self.eot_id]
+
     @cached_property
     def label_ids(self) -> dict[str, list[int]]:
-        """Each label's answer tokens, end-of-turn included (what the model writes after the prompt)."""
-        prefix = "" if self.has_template else " "
-        return {label: self._ids(prefix + label) + [self.eot_id] for label in self.task.labels}
+        """Each label's answer tokens (for tasks whose answer is the label itself)."""
+        return {label: self.answer_ids(label) for label in self.task.labels}
 
     @cached_property
     def max_label_len(self) -> int:
         return max(len(v) for v in self.label_ids.values())
+
+    def answer_options(self, row: dict) -> tuple[list[str], list[list[int]]]:
+        """The row's allowed labels and the tokens written for each. When two choices of a row read the
+        same, only the first is an option (the model cannot tell them apart)."""
+        labels = self.task.row_labels(row)
+        if not self.task.per_row_answers:
+            return labels, [self.label_ids[lab] for lab in labels]
+        kept, seqs, seen = [], [], set()
+        for lab in labels:
+            ids = self.answer_ids(self.task.answer(row, lab))
+            if tuple(ids) not in seen:
+                seen.add(tuple(ids))
+                kept.append(lab)
+                seqs.append(ids)
+        return kept, seqs
+
+    def answer_len(self, row: dict) -> int:
+        if not self.task.per_row_answers:
+            return self.max_label_len
+        return max(len(s) for s in self.answer_options(row)[1])
 
     # ------------------------------------------------------------------ encoding
     def prompt_ids(self, row: dict) -> list[int]:
         """Prompt ids for a row; an over-long question is cut (never the instruction or the answer)."""
         system = self.task.system_message()
         ids = self._ids(self.render(system, self.task.user_message(row)))
-        budget = self.max_length - self.max_label_len
+        answer_len = self.answer_len(row)
+        budget = self.max_length - answer_len
         if len(ids) <= budget:
             return ids
         self.n_truncated += 1
@@ -99,11 +123,11 @@ class PromptEncoder:
                 return ids
             keep -= max(4, len(ids) - budget)
         raise UserError(f"--max-length {self.max_length} is too small: the instruction and choices alone take "
-                        f"{overhead} tokens", f"Use --max-length {overhead + self.max_label_len + 64} or more.")
+                        f"{overhead} tokens", f"Use --max-length {overhead + answer_len + 64} or more.")
 
     def train_example(self, row: dict) -> dict:
         prompt = self.prompt_ids(row)
-        answer = self.label_ids[row["label"]]
+        answer = self.answer_ids(self.task.answer(row, row["label"]))
         return {
             "input_ids": prompt + answer,
             "labels": [IGNORE] * len(prompt) + answer,

@@ -42,15 +42,6 @@ class LabelScorer:
         self.device = device or next(model.parameters()).device
         self.labels = encoder.task.labels
         self.pad_id = encoder.tok.pad_token_id if encoder.tok.pad_token_id is not None else encoder.eot_id
-        seqs = [encoder.label_ids[label] for label in self.labels]
-        self.first = torch.tensor([s[0] for s in seqs], device=self.device)
-        width = max(len(s) for s in seqs) - 1
-        self.cont_ids = torch.full((len(seqs), max(width, 1)), self.pad_id, dtype=torch.long)
-        self.cont_targets = torch.full((len(seqs), max(width, 1)), -1, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            self.cont_ids[i, : len(s) - 1] = torch.as_tensor(s[:-1])
-            self.cont_targets[i, : len(s) - 1] = torch.as_tensor(s[1:])
-        self.cont_ids, self.cont_targets = self.cont_ids.to(self.device), self.cont_targets.to(self.device)
         self.n_prompt_tokens = 0
         self.n_computed_tokens = 0  # tokens actually run through the model (shared prefix counted once)
         self.share_prefix = True  # compute the instruction common to all prompts once (off: for measurements)
@@ -61,27 +52,41 @@ class LabelScorer:
         return prompts, order
 
     @torch.inference_mode()
-    def label_logprobs(self, prompts: list[list[int]], continuation: bool = True) -> torch.Tensor:
-        """[B, L] log P(label + end-of-turn | prompt) for every label (first token only without `continuation`)."""
+    def label_logprobs(self, prompts: list[list[int]], options: list[list[list[int]]] | None = None,
+                       continuation: bool = True) -> torch.Tensor:
+        """[B, N] log P(answer + end-of-turn | prompt) for each row's answer options (default: every label's);
+        -inf where a row has fewer than N options. Only the first token without `continuation`."""
+        if options is None:
+            options = [[self.encoder.label_ids[lab] for lab in self.labels]] * len(prompts)
         ids, mask = left_pad(prompts, self.pad_id, self.device)
         self.n_prompt_tokens += int(mask.sum())
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)[:, self.first]  # [B, L]
+        b, n = len(prompts), max(len(o) for o in options)
+        width = max(1, max(len(s) for o in options for s in o) - 1)
+        firsts = torch.zeros((b, n), dtype=torch.long)
+        present = torch.zeros((b, n), dtype=torch.bool)
+        cont = torch.full((b * n, width), self.pad_id, dtype=torch.long)
+        targets = torch.full((b * n, width), -1, dtype=torch.long)
+        for i, row_options in enumerate(options):
+            for j, seq in enumerate(row_options):
+                firsts[i, j], present[i, j] = seq[0], True
+                cont[i * n + j, : len(seq) - 1] = torch.as_tensor(seq[:-1])
+                targets[i * n + j, : len(seq) - 1] = torch.as_tensor(seq[1:])
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).gather(1, firsts.to(self.device))
+        first = first.masked_fill(~present.to(self.device), float("-inf"))
         if not continuation:
             return first
-        b, n_labels, width = ids.size(0), len(self.labels), self.cont_ids.size(1)
+        cont, targets = cont.to(self.device), targets.to(self.device)
         cache = out.past_key_values
-        cache.batch_repeat_interleave(n_labels)
-        cont = self.cont_ids.repeat(b, 1)
-        full_mask = torch.cat([mask.repeat_interleave(n_labels, 0), torch.ones_like(cont)], dim=1)
-        cont_pos = mask.sum(1).repeat_interleave(n_labels).unsqueeze(1) + torch.arange(width, device=self.device)
+        cache.batch_repeat_interleave(n)
+        full_mask = torch.cat([mask.repeat_interleave(n, 0), torch.ones_like(cont)], dim=1)
+        cont_pos = mask.sum(1).repeat_interleave(n).unsqueeze(1) + torch.arange(width, device=self.device)
         logits = self.model(input_ids=cont, attention_mask=full_mask, position_ids=cont_pos,
                             past_key_values=cache, use_cache=False).logits.float()
         logp = torch.log_softmax(logits, dim=-1)
-        targets = self.cont_targets.repeat(b, 1)
         picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets >= 0)
-        return first + picked.sum(-1).view(b, n_labels)
+        return first + picked.sum(-1).view(b, n)
 
     def score(self, rows: list[dict], batch_size: int = 16) -> list[dict]:
         """Per row: the predicted label and the probability of each allowed label."""
@@ -89,11 +94,11 @@ class LabelScorer:
         results: list[dict | None] = [None] * len(rows)
         for start in range(0, len(order), batch_size):
             idx = order[start: start + batch_size]
-            logp = self.label_logprobs([prompts[i] for i in idx]).cpu()
+            opts = [self.encoder.answer_options(rows[i]) for i in idx]
+            logp = self.label_logprobs([prompts[i] for i in idx], [seqs for _, seqs in opts]).cpu()
             for k, i in enumerate(idx):
-                allowed = self.encoder.task.row_labels(rows[i])
-                scores = logp[k, : len(allowed)] if allowed != self.labels else logp[k]
-                probs = torch.softmax(scores, dim=-1)
+                allowed = opts[k][0]
+                probs = torch.softmax(logp[k, : len(allowed)], dim=-1)
                 best = int(probs.argmax())
                 results[i] = {"pred": allowed[best], "probs": {lab: round(float(p), 6) for lab, p in zip(allowed, probs)},
                               "valid": True}
@@ -138,11 +143,10 @@ class LabelScorer:
         return torch.log_softmax(out.logits[:, -1].float(), dim=-1), out.past_key_values, mask, lengths
 
     @torch.inference_mode()
-    def _greedy_trie(self, logp: torch.Tensor, allowed: list[list[int]], cache, mask, lengths):
-        """Per row: the label index chosen by greedy decoding over the labels' token trie."""
-        seqs = [self.encoder.label_ids[lab] for lab in self.labels]
+    def _greedy_trie(self, logp: torch.Tensor, options: list[list[list[int]]], cache, mask, lengths):
+        """Per row: the index of the option chosen by greedy decoding over the row's token trie."""
         b = logp.size(0)
-        cands = [list(a) for a in allowed]  # label indices still possible per row
+        cands = [list(range(len(o))) for o in options]  # option indices still possible per row
         chosen = [None] * b
         step = 0
         while True:
@@ -158,9 +162,9 @@ class LabelScorer:
                 return chosen, step
             next_tok = torch.zeros(b, dtype=torch.long)
             for i in pending:
-                options = sorted({seqs[j][step] for j in cands[i]})
-                row = logp[i, options]
-                tok = options[int(row.argmax())]
+                seqs = options[i]
+                tokens = sorted({seqs[j][step] for j in cands[i]})
+                tok = tokens[int(logp[i, tokens].argmax())]
                 cands[i] = [j for j in cands[i] if seqs[j][step] == tok]
                 next_tok[i] = tok
             if all(len(cands[i]) == 1 for i in pending):
@@ -172,7 +176,7 @@ class LabelScorer:
                              logits_to_keep=1)
             self.n_computed_tokens += b
             cache, lengths = out.past_key_values, lengths + 1
-            logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+            logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
             step += 1
 
     @torch.inference_mode()
@@ -187,50 +191,52 @@ class LabelScorer:
         prompts, order = self._order(rows)
         prefix = self._shared_prefix(prompts) if self.share_prefix else []
         cache = self._prefix_cache(prefix)
-        index = {lab: j for j, lab in enumerate(self.labels)}
-        firsts = self.first.cpu()
         results: list[dict | None] = [None] * len(rows)
         for start in range(0, len(order), batch_size):
             idx = order[start: start + batch_size]
             self.n_prompt_tokens += sum(len(prompts[i]) for i in idx)
-            allowed = [[index[lab] for lab in self.encoder.task.row_labels(rows[i])] for i in idx]
+            opts = [self.encoder.answer_options(rows[i]) for i in idx]
             logp, kv, mask, lengths = self._suffix_logits([prompts[i][len(prefix):] for i in idx], len(prefix),
                                                           cache)
             logp = logp.cpu()
-            chosen, _ = self._greedy_trie(logp, allowed, kv, mask, lengths)
+            chosen, _ = self._greedy_trie(logp, [seqs for _, seqs in opts], kv, mask, lengths)
             for k, i in enumerate(idx):
-                first_ids = sorted({int(firsts[j]) for j in allowed[k]})
+                labels, seqs = opts[k]
+                first_ids = sorted({s[0] for s in seqs})
                 p = torch.softmax(logp[k, first_ids], dim=-1)
-                conf = float(p[first_ids.index(int(firsts[chosen[k]]))])
-                results[i] = {"pred": self.labels[chosen[k]], "confidence": round(conf, 6), "valid": True}
+                conf = float(p[first_ids.index(seqs[chosen[k]][0])])
+                results[i] = {"pred": labels[chosen[k]], "confidence": round(conf, 6), "valid": True}
         return results
 
     @torch.inference_mode()
     def generate(self, rows: list[dict], batch_size: int = 16) -> list[dict]:
-        """Free greedy decoding (for comparison): the output text must equal a label to count as valid."""
+        """Free greedy decoding (for comparison): the output text must equal an answer to count as valid."""
         prompts, order = self._order(rows)
-        tok = self.encoder.tok
+        tok, task = self.encoder.tok, self.encoder.task
         results: list[dict | None] = [None] * len(rows)
         stop = list({self.encoder.eot_id, *( [tok.eos_token_id] if tok.eos_token_id is not None else [])})
         for start in range(0, len(order), batch_size):
             idx = order[start: start + batch_size]
             ids, mask = left_pad([prompts[i] for i in idx], self.pad_id, self.device)
             self.n_prompt_tokens += int(mask.sum())
+            longest = max(self.encoder.answer_len(rows[i]) for i in idx)
             out = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
-                                      max_new_tokens=self.encoder.max_label_len + 2, eos_token_id=stop,
+                                      max_new_tokens=longest + 2, eos_token_id=stop,
                                       pad_token_id=self.pad_id, temperature=None, top_p=None, top_k=None)
             for k, i in enumerate(idx):
                 text = tok.decode(out[k, ids.size(1):], skip_special_tokens=True)
-                pred = match_label(text, self.encoder.task.row_labels(rows[i]))
+                answers = {lab: task.answer(rows[i], lab) for lab in task.row_labels(rows[i])}
+                pred = match_answer(text, answers)
                 results[i] = {"pred": pred, "output": text, "valid": pred is not None}
         return results
 
 
-def match_label(text: str, labels: list[str]) -> str | None:
-    """Exact (case-insensitive) match of the whole output, ignoring surrounding spaces and a final period."""
+def match_answer(text: str, answers: dict[str, str]) -> str | None:
+    """The label whose answer equals the whole output (case-insensitive, ignoring surrounding spaces and a
+    final period), else None."""
     cleaned = text.strip().rstrip(".").strip().lower()
-    for label in labels:
-        if cleaned == label.lower():
+    for label, answer in answers.items():
+        if cleaned == answer.strip().rstrip(".").strip().lower():
             return label
     return None
 

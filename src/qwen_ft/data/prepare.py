@@ -52,6 +52,9 @@ def prepare(data: DataArgs, seed: int) -> Prepared:
     if dropped:
         log.warning("dropped %d rows without text or label from %s", dropped, describe(data.data))
     is_mc = task_name == "multiple_choice"
+    if data.answer_format != "letter" and not is_mc:
+        raise UserError(f"--answer-format {data.answer_format} applies to multiple-choice data, but this is a "
+                        f"{task_name} task", "Drop --answer-format (or answer_format in the YAML) for this data.")
     rows = sample(sample_per_label(rows, None if is_mc else data.max_samples_per_category, seed), data.max_samples, seed)
 
     if data.validation_data:
@@ -76,7 +79,8 @@ def prepare(data: DataArgs, seed: int) -> Prepared:
     p.raise_if_any("Use more rows (raise --max-samples-per-category) or change the split fractions.")
 
     if is_mc:
-        task = TASKS[task_name].create(rows + splits["validation"], data.instruction, data.question_template)
+        task = TASKS[task_name].create(rows + splits["validation"], data.instruction, data.question_template,
+                                       data.answer_format)
     else:
         train_labels = Counter(r["label"] for r in splits["train"])
         unseen = sorted({r["label"] for r in splits["validation"] + splits["test"]} - set(train_labels))

@@ -35,6 +35,15 @@ class Task:
         """The labels allowed for this row (all labels, or this row's letters)."""
         return self.labels
 
+    @property
+    def per_row_answers(self) -> bool:
+        """True when what the model writes for a label depends on the row (e.g. a choice's text)."""
+        return False
+
+    def answer(self, row: dict, label: str) -> str:
+        """The text the model writes to give `label` for `row` (the label itself unless a task says otherwise)."""
+        return label
+
     def user_message(self, row: dict, question: str | None = None) -> str:
         raise NotImplementedError
 

@@ -1,5 +1,10 @@
 """Question + lettered choices -> the letter of the answer (CommonsenseQA and friends).
 
+Two answer formats: `letter` (the default: the model writes the letter) and `text` (the model writes
+the text of the correct choice, exactly as listed; the prediction is mapped back to its letter, so
+metrics stay per letter). Small models (~100M parameters) cannot bind a letter to a choice; they can
+write the choice itself, which is the format to use for them (see the README's optimizer study).
+
 Three record formats load: HF CommonsenseQA (`question`, `choices{label,text}`, `answerKey`), the GKP
 "standardized" format (`query`, `cands`, `answer` text) and MMLU-style (`question`, `options`, `answer`
 letter or `answer_index`).
@@ -72,7 +77,11 @@ class MultipleChoiceTask(Task):
     DEFAULT_INSTRUCTION: ClassVar[str] = (
         "Answer the multiple-choice question. Reply with the letter of the correct choice only ({labels})."
     )
+    TEXT_INSTRUCTION: ClassVar[str] = (
+        "Answer the multiple-choice question. Reply with the text of the correct choice only, exactly as listed."
+    )
     DEFAULT_QUESTION: ClassVar[str] = "Question: {question}\n{choices}"
+    ANSWER_FORMATS: ClassVar[tuple[str, ...]] = ("letter", "text")
 
     @staticmethod
     def matches(columns: list[str]) -> bool:
@@ -107,13 +116,24 @@ class MultipleChoiceTask(Task):
         return rows, 0
 
     @classmethod
-    def create(cls, rows: list[dict], instruction: str | None = None, question_template: str | None = None):
+    def create(cls, rows: list[dict], instruction: str | None = None, question_template: str | None = None,
+               answer_format: str = "letter"):
         n = max(len(r["choices"]) for r in rows)
-        return cls(labels=list(LETTERS[:n]), instruction=instruction or cls.DEFAULT_INSTRUCTION,
-                   question_template=question_template or cls.DEFAULT_QUESTION)
+        text = answer_format == "text"
+        default = cls.TEXT_INSTRUCTION if text else cls.DEFAULT_INSTRUCTION
+        return cls(labels=list(LETTERS[:n]), instruction=instruction or default,
+                   question_template=question_template or cls.DEFAULT_QUESTION,
+                   extra={"answer_format": "text"} if text else {})
 
     def row_labels(self, row: dict) -> list[str]:
         return self.labels[: len(row["choices"])]
+
+    @property
+    def per_row_answers(self) -> bool:
+        return self.extra.get("answer_format") == "text"
+
+    def answer(self, row: dict, label: str) -> str:
+        return row["choices"][LETTERS.index(label)] if self.per_row_answers else label
 
     def user_message(self, row: dict, question: str | None = None) -> str:
         choices = "\n".join(f"{LETTERS[i]}. {t}" for i, t in enumerate(row["choices"]))

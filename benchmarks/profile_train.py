@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Where a LoRA training step's time goes: torch.profiler over a few steps of the package defaults.
+
+    python benchmarks/profile_train.py --model smollm2-135m --data ../shared/data/mmlu_pro/test.parquet
+
+Prints the top operators by self time, the time share of each operator group (matmuls, attention,
+elementwise/norms, optimizer, the rest), the FLOP/s the matmul kernels reach on their own (the profiler
+counts their FLOPs) against a matmul peak measured here on the same threads and dtype, and the step's
+overall FLOP/s. The gap between the two is time outside matmuls; the gap between the matmul FLOP/s and
+the peak is the cost of this model's small shapes (hidden 576: thin matrices run far below a square
+matmul's peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from levers import TrainVariant, train_batches  # noqa: E402
+from vs_reference import matmul_peak  # noqa: E402
+
+from qwen_ft.config import DataArgs  # noqa: E402
+from qwen_ft.data.prepare import prepare  # noqa: E402
+from qwen_ft.encoding import PromptEncoder  # noqa: E402
+from qwen_ft.models import load_tokenizer, resolve_model  # noqa: E402
+from qwen_ft.precision import resolve_precision  # noqa: E402
+
+GROUPS = {
+    "matmul (mm/addmm/bmm/linear)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
+                                     "aten::_mkldnn", "mkldnn", "aten::baddbmm"),
+    "attention kernel": ("scaled_dot_product", "flash_attention"),
+    "optimizer": ("Optimizer.", "aten::_foreach", "adam"),
+    "copies / dtype casts": ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous"),
+    "softmax / loss": ("softmax", "cross_entropy", "nll_loss"),
+}
+
+
+def group_of(name: str) -> str:
+    for group, keys in GROUPS.items():
+        if any(k.lower() in name.lower() for k in keys):
+            return group
+    return "elementwise / norms / other"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/mmlu_pro/test.parquet"))
+    p.add_argument("--max-samples-per-category", type=int, default=20)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    precision = resolve_precision("auto")
+    prepared = prepare(DataArgs(data=a.data, max_samples_per_category=a.max_samples_per_category), 42)
+    path = resolve_model(a.model)
+    encoder = PromptEncoder(load_tokenizer(path), prepared.task, 512)
+    autocast = precision == "bf16"
+    variant = TrainVariant("defaults", path, torch.float32, autocast, 0.0)
+    batches = train_batches(encoder, prepared.splits["train"], a.batch_size, a.steps + 1)
+    variant.step(batches[0])  # warm-up
+    variant.times, variant.tokens = [], []
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        for b in batches[1:]:
+            variant.step(b)
+    step_s = sum(variant.times)
+    events = prof.key_averages()
+    by_group: dict[str, float] = defaultdict(float)
+    mm_flops = mm_time = 0.0
+    for e in events:
+        group = group_of(e.key)
+        by_group[group] += e.self_cpu_time_total / 1e6
+        if group.startswith("matmul") and e.flops:
+            mm_flops += e.flops
+            mm_time += e.self_cpu_time_total / 1e6
+    total = sum(by_group.values())
+    cfg = variant.model.config
+    peak = matmul_peak(precision, cfg.hidden_size, cfg.intermediate_size)
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]
+    result = {
+        "precision": precision, "threads": torch.get_num_threads(), "steps": a.steps,
+        "tokens_per_s": round(sum(variant.tokens) / step_s, 1),
+        "step_seconds": round(step_s / a.steps, 3),
+        "time_share": {g: round(t / total, 3) for g, t in sorted(by_group.items(), key=lambda kv: -kv[1])},
+        "matmul_kernel_gflops": round(mm_flops / mm_time / 1e9, 1) if mm_time else None,
+        "step_matmul_gflops": round(mm_flops / step_s / 1e9, 1),
+        "matmul_peak": peak,
+        "top_ops_self_s": {e.key: round(e.self_cpu_time_total / 1e6, 3) for e in top},
+    }
+    if result["matmul_kernel_gflops"]:
+        result["matmul_kernels_of_peak"] = round(result["matmul_kernel_gflops"] / peak["gflops"], 3)
+        result["step_of_peak"] = round(result["step_matmul_gflops"] / peak["gflops"], 3)
+    print(json.dumps(result, indent=1))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Multiple choice with `answer_format: text`: the model writes the correct choice's text; predictions map
+back to letters. Prompts, training targets, constrained decoding and exact scoring per row's own options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen_ft.cli import main
+from qwen_ft.config import DataArgs
+from qwen_ft.data.prepare import prepare
+from qwen_ft.encoding import IGNORE, PromptEncoder
+from qwen_ft.errors import UserError
+from qwen_ft.models import load_model, load_tokenizer
+from qwen_ft.scoring import LabelScorer, match_answer
+from qwen_ft.tasks import MultipleChoiceTask, Task
+
+ROWS = [
+    {"question": "Where do you keep milk cold?", "choices": ["oven", "fridge", "kitchen drawer", "car", "roof"],
+     "label": "B"},
+    {"question": "What do bees make?", "choices": ["honey", "silk", "wax paper", "honey cake", "milk"],
+     "label": "A"},
+    {"question": "Pick the colour of grass.", "choices": ["green", "blue", "red", "green", "pink"], "label": "A"},
+    {"question": "Which is a prime?", "choices": ["4", "6", "7", "8", "9"], "label": "C"},
+]
+
+
+@pytest.fixture(scope="module")
+def qwen_tok(qwen3_tokenizer_dir):
+    return load_tokenizer(str(qwen3_tokenizer_dir))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_qwen3):
+    return load_model(str(tiny_qwen3)).eval()
+
+
+@pytest.fixture(scope="module")
+def enc(qwen_tok):
+    return PromptEncoder(qwen_tok, MultipleChoiceTask.create(ROWS, answer_format="text"), max_length=256)
+
+
+def full_logp(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+
+
+def test_prompt_lists_choices_and_target_is_the_choice_text(enc, qwen_tok):
+    row = ROWS[0]
+    prompt = qwen_tok.decode(enc.prompt_ids(row))
+    for letter, choice in zip("ABCDE", row["choices"]):
+        assert f"{letter}. {choice}" in prompt
+    assert "text of the correct choice" in prompt
+    ex = enc.train_example(row)
+    answer = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE]
+    assert answer == enc.answer_ids("fridge") and answer[-1] == enc.eot_id
+    assert qwen_tok.decode(answer[:-1]) == "fridge"
+
+
+def test_duplicate_choice_texts_keep_the_first(enc):
+    labels, seqs = enc.answer_options(ROWS[2])
+    assert labels == ["A", "B", "C", "E"]  # D reads "green" like A
+    assert len({tuple(s) for s in seqs}) == len(seqs)
+
+
+def test_exact_score_equals_full_sequence_logprobs_of_each_rows_choices(enc, tiny_model):
+    scorer = LabelScorer(tiny_model, enc)
+    prompts = [enc.prompt_ids(r) for r in ROWS]
+    options = [enc.answer_options(r)[1] for r in ROWS]
+    cached = scorer.label_logprobs(prompts, options)
+    for b, (prompt, seqs) in enumerate(zip(prompts, options)):
+        for j, seq in enumerate(seqs):
+            logp = full_logp(tiny_model, prompt + seq)
+            ref = sum(float(logp[len(prompt) - 1 + k, t]) for k, t in enumerate(seq))
+            assert abs(ref - float(cached[b, j])) < 1e-3
+        assert torch.isinf(cached[b, len(seqs):]).all()  # padding options never win
+    for row, res in zip(ROWS, scorer.score(ROWS, batch_size=3)):
+        assert res["pred"] in enc.answer_options(row)[0]
+        assert abs(sum(res["probs"].values()) - 1) < 1e-4
+
+
+def test_fast_decode_is_greedy_over_each_rows_choice_trie(enc, tiny_model):
+    fast = LabelScorer(tiny_model, enc).decode(ROWS, batch_size=3)
+    for row, res in zip(ROWS, fast):
+        labels, seqs = enc.answer_options(row)
+        prompt, cands, done = enc.prompt_ids(row), list(range(len(seqs))), []
+        while len(cands) > 1:  # brute force: uncached full-sequence forwards
+            logp = full_logp(tiny_model, prompt + done)[-1]
+            k = len(done)
+            tok = max({seqs[j][k] for j in cands}, key=lambda t: float(logp[t]))
+            cands = [j for j in cands if seqs[j][k] == tok]
+            done.append(tok)
+        assert res["valid"] and res["pred"] == labels[cands[0]]
+
+
+def test_free_output_maps_back_to_the_letter():
+    answers = {"A": "oven", "B": "fridge"}
+    assert match_answer(" Fridge.", answers) == "B"
+    assert match_answer("B", answers) is None
+
+
+def test_answer_format_survives_the_run_mapping():
+    task = MultipleChoiceTask.create(ROWS, answer_format="text")
+    again = Task.from_mapping(task.to_mapping())
+    assert again.per_row_answers and again.answer(ROWS[0], "B") == "fridge"
+    assert not MultipleChoiceTask.create(ROWS).per_row_answers
+
+
+def test_answer_format_text_on_category_data_is_a_clear_error():
+    with pytest.raises(UserError, match="answer-format text applies to multiple-choice"):
+        prepare(DataArgs(data="demo", answer_format="text"), 42)
+
+
+def test_train_and_validate_with_text_answers(tiny_qwen3, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_qwen3), "--data", "demo-mc", "--max-samples", "24",
+                 "--answer-format", "text", "--epochs", "1", "--batch-size", "8", "--precision", "fp32",
+                 "--output-dir", str(out)]) == 0
+    assert main(["validate", "--model-path", str(out)]) == 0
