@@ -20,6 +20,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from peft.helpers import disable_input_dtype_casting
 
 from qwen_ft.config import DataArgs, LoraArgs
 from qwen_ft.data.prepare import prepare
@@ -41,8 +42,9 @@ def train_batches(encoder, rows, batch_size: int, n: int, seed: int = 0) -> list
 
 
 class TrainVariant:
-    def __init__(self, name, path, weights, autocast, dropout, keep_logits=True):
+    def __init__(self, name, path, weights, autocast, dropout, keep_logits=True, cast_lora_input=True):
         self.name, self.autocast, self.keep_logits = name, autocast, keep_logits
+        self.cast_lora_input = cast_lora_input
         torch.manual_seed(0)
         model = load_model(path, weights)
         self.model = apply_lora(model, LoraArgs(rank=16, alpha=32, dropout=dropout))
@@ -56,8 +58,10 @@ class TrainVariant:
         labels = batch.pop("labels")
         keep = batch.pop("logits_to_keep")
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else nullcontext()
+        # peft casts each LoRA input to the LoRA weights' dtype (bf16 activations -> fp32); optionally not
+        no_cast = nullcontext() if self.cast_lora_input else disable_input_dtype_casting(self.model)
         t0 = time.perf_counter()
-        with ctx:
+        with ctx, no_cast:
             out = self.model(**batch, logits_to_keep=keep if self.keep_logits else 0)
             if self.keep_logits:
                 loss = answer_loss(out, labels)
@@ -71,16 +75,20 @@ class TrainVariant:
         self.tokens.append(int(batch["attention_mask"].sum()))
 
 
-def bench_training(path, encoder, rows, steps: int, batch_size: int) -> dict:
-    variants = [
-        TrainVariant("fp32, dropout 0.05", path, torch.float32, False, 0.05),
-        TrainVariant("fp32, dropout 0", path, torch.float32, False, 0.0),
-        TrainVariant("bf16 autocast / fp32 weights, dropout 0.05", path, torch.float32, True, 0.05),
-        TrainVariant("bf16 autocast / fp32 weights, dropout 0 (current default)", path, torch.float32, True, 0.0),
-        TrainVariant("bf16 autocast / fp32 weights, dropout 0, logits at every position", path, torch.float32,
-                     True, 0.0, keep_logits=False),
-        TrainVariant("bf16 weights (LoRA fp32) + autocast, dropout 0", path, torch.bfloat16, True, 0.0),
+def bench_training(path, encoder, rows, steps: int, batch_size: int, only: str | None = None) -> dict:
+    specs = [
+        ("fp32, dropout 0.05", path, torch.float32, False, 0.05),
+        ("fp32, dropout 0", path, torch.float32, False, 0.0),
+        ("bf16 autocast / fp32 weights, dropout 0.05", path, torch.float32, True, 0.05),
+        ("bf16 autocast / fp32 weights, dropout 0 (current default)", path, torch.float32, True, 0.0),
+        ("bf16 autocast / fp32 weights, dropout 0, logits at every position", path, torch.float32,
+         True, 0.0, {"keep_logits": False}),
+        ("bf16 weights (LoRA fp32) + autocast, dropout 0", path, torch.bfloat16, True, 0.0),
+        ("bf16 weights (LoRA fp32) + autocast, dropout 0, LoRA input not cast to fp32", path,
+         torch.bfloat16, True, 0.0, {"cast_lora_input": False}),
     ]
+    variants = [TrainVariant(*spec[:5], **(spec[5] if len(spec) > 5 else {})) for spec in specs
+                if only is None or only in spec[0]]
     batches = train_batches(encoder, rows, batch_size, steps + 1)
     for v in variants:  # warm-up step (allocator, kernels)
         v.step(batches[0])
@@ -129,6 +137,7 @@ def main() -> None:
     p.add_argument("--eval-rows", type=int, default=56)
     p.add_argument("--eval-rounds", type=int, default=2)
     p.add_argument("--skip", choices=("train", "eval"), default=None)
+    p.add_argument("--only", default=None, help="Train only the variants whose name contains this text.")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     prepared = prepare(DataArgs(data=a.data, task="category", max_samples_per_category=a.max_samples_per_category), 42)
@@ -137,7 +146,7 @@ def main() -> None:
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__}
     if a.skip != "train":
         result["train_tokens_per_s"] = bench_training(path, encoder, prepared.splits["train"], a.train_steps,
-                                                      a.batch_size)
+                                                      a.batch_size, a.only)
         print(json.dumps(result["train_tokens_per_s"], indent=1), flush=True)
     if a.skip != "eval":
         result["eval_samples_per_s"] = bench_eval(path, encoder, prepared.splits["validation"][: a.eval_rows],

@@ -108,6 +108,7 @@ class FlopCounter:
         lora = sum(lora_rank * (i + o) for name, (i, o) in shapes.items() if name in targets)
         # per token per layer: frozen linears forward + input-grad backward; LoRA forward + 2x backward
         self.linear_per_token = layers * (2 * base * 2 + 2 * lora * 3)
+        self.forward_per_token = layers * 2 * base  # inference (adapter merged), linears only
         self.attn_per_pair = layers * 2 * 2 * heads * hd * 3  # QK^T + AV, forward + 2x backward, per (q,k) pair
         self.head_per_position = 2 * h * c.vocab_size * 2  # vocabulary head forward + input-grad backward
         self.useful_tokens = 0
@@ -372,6 +373,13 @@ def run_ours(spec: dict) -> dict:
     result["validate"] = {"n": report["n"], "seconds": report["seconds"], "samples_per_s": report["samples_per_s"],
                           "accuracy": round(report["accuracy"], 4), "valid_pct": report["valid_pct"],
                           "decode": report["decode"], "precision": report.get("precision")}
+    computed = report.get("computed_tokens")
+    if computed:  # validation FLOP/s, and the samples/s this machine would give if every FLOP ran at the peak
+        flops = computed * holder["counter"].forward_per_token
+        peak = holder["peak"]["gflops"] * 1e9
+        result["validate"].update({"computed_tokens": computed,
+                                   "gflops_per_s": round(flops / report["seconds"] / 1e9, 1),
+                                   "samples_per_s_at_peak": round(report["n"] * peak / flops, 2)})
     result["memory"] = memory()
     del torch
     return result
@@ -442,6 +450,8 @@ def markdown(s: dict) -> str:
         ("Epochs done in the budget", r["epochs_done"], o["epochs_done"], None),
         ("Val accuracy after the equal budget", r["val_accuracy"], o["val_accuracy"], q["val_accuracy"]),
         ("Validation samples/s", r["val_samples_per_s"], o["val_samples_per_s"], q["eval_samples_per_s"]),
+        ("Validation samples/s if all its FLOPs ran at the matmul peak", None, o.get("val_samples_per_s_at_peak"),
+         ratio(o.get("val_samples_per_s_at_peak"), r["val_samples_per_s"])),
         ("Valid outputs %", r["val_valid_pct"], o["val_valid_pct"], None),
         (mem, r["peak_memory_mb"], o["peak_memory_mb"], q["peak_memory"]),
         ("Training GFLOP/s (useful, counted)", r["train_gflops_per_s"], o["train_gflops_per_s"], None),

@@ -17,7 +17,7 @@ from qwen_ft.study.phases import run_study
 
 STUDY_YAML = """
 model: {{model: {model}, precision: fp32, max_length: 192}}
-data: {{data: demo-mc, max_samples: 30, val_fraction: 0.3, test_fraction: 0.0}}
+data: {{data: demo-mc, max_samples: 30, val_fraction: 0.3, test_fraction: 0.0, answer_format: text}}
 lora: {{rank: 4, alpha: 8}}
 train: {{epochs: 2, batch_size: 8}}
 merge: {{verify_samples: 2}}
@@ -113,6 +113,8 @@ def test_study_end_to_end_outputs(study_dir):
     for c in configs:
         c["train"].pop("output_dir")
     assert configs[0]["data"] == configs[1]["data"] and configs[0]["train"] == configs[1]["train"]
+    assert configs[0]["data"]["answer_format"] == "text"  # the study's data settings reach every run
+    assert "writes the text of a choice" in (res / "report.md").read_text()
     assert configs[1]["optim"]["kwargs"] == {"nesterov": True}
     assert (study_dir / "experiments" / "sgd" / "split" / "train.jsonl").read_text() == \
         (study_dir / "experiments" / "adamw" / "split" / "train.jsonl").read_text()

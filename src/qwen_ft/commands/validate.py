@@ -48,7 +48,8 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
         for b in dist.shard(batches):
             results += zip(batches[b], predict([rows[i] for i in batches[b]], batch_size))
     parts = dist.gather_objects({"results": results, "seconds": timer.seconds,
-                                 "tokens": scorer.n_prompt_tokens, "memory": dist.peak_memory()})
+                                 "tokens": scorer.n_prompt_tokens, "computed": scorer.n_computed_tokens,
+                                 "memory": dist.peak_memory()})
     if not dist.is_main():
         return {}
 
@@ -62,6 +63,7 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
         "world_size": dist.world_size(), "seconds": round(seconds, 3),
         "samples_per_s": round(len(rows) / seconds, 3) if seconds else None,
         "prompt_tokens_per_s": round(sum(p["tokens"] for p in parts) / seconds, 1) if seconds else None,
+        "computed_tokens": sum(p["computed"] for p in parts),  # constrained: shared prefix counted once per batch
         "memory_per_rank": [p["memory"] for p in parts], "truncated_prompts": truncated,
     })
     if truncated:

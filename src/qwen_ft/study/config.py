@@ -59,7 +59,9 @@ class EvalArgs:
     split: str = arg("validation", "Split of the data phase that is scored.", choices=("validation", "test"))
     batch_size: int = arg(16, "Prompts per forward pass.")
     max_samples: int | None = arg(None, "Score only the first N rows of the split (quick looks).")
-    free_decode: bool = arg(False, "Also decode freely (greedy text must equal a letter), for comparison.")
+    decode: str = arg("constrained", "constrained: greedy decoding over the row's answers (fast, as `qwen-ft "
+                      "validate`); exact: each answer's full probability, argmax.", choices=("constrained", "exact"))
+    free_decode: bool = arg(False, "Also decode freely (greedy text must equal an answer), for comparison.")
     precision: str = arg("auto", "Inference dtype: auto (bf16 where supported, else fp32), fp32, bf16, fp16.",
                          choices=("auto", "fp32", "bf16", "fp16"))
 

@@ -1,7 +1,9 @@
 """Score a merged model on rows: accuracy with a 95% CI, samples/s and prompt tokens/s.
 
-Constrained decoding (the prediction is the most probable of the row's letters, so always valid) is the
-reported accuracy; free greedy decoding is optional, for comparison with parsers of generated text.
+Constrained decoding (the prediction is always one of the row's answers, so always valid) is the reported
+accuracy: `constrained` (greedy over the answers' token trie, as `qwen-ft validate`) or `exact` (argmax
+of each answer's full probability). Free greedy decoding is optional, for comparison with parsers of
+generated text.
 """
 
 from __future__ import annotations
@@ -14,16 +16,17 @@ from qwen_ft.scoring import LabelScorer, Timer
 log = logging.getLogger(__name__)
 
 
-def evaluate(model, encoder, rows: list[dict], batch_size: int = 16, free_decode: bool = False) -> tuple[dict, list]:
+def evaluate(model, encoder, rows: list[dict], batch_size: int = 16, free_decode: bool = False,
+             decode: str = "constrained") -> tuple[dict, list]:
     """(report, per-row predictions) for `rows` scored by `model` with `encoder`'s prompt."""
     scorer = LabelScorer(model, encoder)
     labels = encoder.task.labels
     golds = [r["label"] for r in rows]
     with Timer() as timer:
-        results = scorer.score(rows, batch_size)
+        results = scorer.decode(rows, batch_size) if decode == "constrained" else scorer.score(rows, batch_size)
     report = classification_report(golds, [r["pred"] for r in results], labels)
     report.update({
-        "decode": "constrained", "seconds": round(timer.seconds, 3),
+        "decode": decode, "seconds": round(timer.seconds, 3),
         "samples_per_s": round(len(rows) / timer.seconds, 3),
         "prompt_tokens_per_s": round(scorer.n_prompt_tokens / timer.seconds, 1),
         "prompt_tokens": scorer.n_prompt_tokens, "chance": _chance(encoder, rows),

@@ -33,7 +33,7 @@ from qwen_ft.study.resources import PeakMemory
 
 log = logging.getLogger(__name__)
 
-REPORT_VERSION = 1  # bump when the analysis outputs change shape, so that old reports are redrawn
+REPORT_VERSION = 2  # bump when the analysis outputs change shape, so that old reports are redrawn
 SPLITS = ("train", "validation", "test")
 
 
@@ -73,7 +73,7 @@ class Study:
         user.update({
             "data.data": str(self.data_dir / "train.jsonl"),
             "data.validation_data": str(self.data_dir / "validation.jsonl"),
-            "data.task": summary["task"], "data.test_fraction": 0.0,
+            "data.task": summary["task"], "data.test_fraction": 0.0, "data.answer_format": self.cfg.data.answer_format,
             "train.output_dir": str(self.run_dir(opt)),
         })
         for key in ("instruction", "question_template"):
@@ -228,7 +228,7 @@ def eval_phase(study: Study, opt: str) -> dict:
         precision = resolve_precision(e.precision)
         with PeakMemory() as mem:
             model, encoder = load_merged(study.model_dir(opt), precision)
-            report, predictions = evaluate(model, encoder, rows, e.batch_size, e.free_decode)
+            report, predictions = evaluate(model, encoder, rows, e.batch_size, e.free_decode, e.decode)
         report.update({"optimizer": opt, "split": e.split, "precision": precision, "model_dir":
                        str(study.model_dir(opt)), **mem.result()})
         out.mkdir(parents=True, exist_ok=True)

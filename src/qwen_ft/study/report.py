@@ -233,6 +233,14 @@ def _fmt(v, spec: str = ".4f") -> str:
     return "-" if v is None or v == "" else format(v, spec)
 
 
+def _decoding(cfg) -> str:
+    how = ("constrained decoding (greedy over the valid answers' tokens)" if cfg.eval.decode == "constrained"
+           else "exact scoring (the most probable valid answer)")
+    if cfg.data.answer_format == "text":
+        return how + "; the model writes the text of a choice, mapped back to its letter"
+    return how + "; the model writes the letter"
+
+
 def render_markdown(study, rows: list[dict], pairs: list[dict]) -> str:
     cfg = study.cfg
     summary = json.loads((study.data_dir / "summary.json").read_text())
@@ -244,8 +252,8 @@ def render_markdown(study, rows: list[dict], pairs: list[dict]) -> str:
         "",
         f"Seed {cfg.seed}; task {summary['task']} ({len(summary['labels'])} labels); rows: train {sizes['train']}, "
         f"validation {sizes['validation']}, test {sizes['test']}. Accuracy is measured on the "
-        f"**{cfg.eval.split}** split with constrained decoding (the most probable valid letter) on the merged "
-        f"models; chance is {100 * rows[0]['chance']:.1f}%." if rows else "",
+        f"**{cfg.eval.split}** split with {_decoding(cfg)} on the merged models; chance is "
+        f"{100 * rows[0]['chance']:.1f}%." if rows else "",
         "",
         "| optimizer | lr | accuracy (95% CI) | final train loss | best val loss | epochs | train time (s) "
         "| train samples/s | train peak mem (MB) | eval samples/s | eval tokens/s |",
@@ -259,7 +267,8 @@ def render_markdown(study, rows: list[dict], pairs: list[dict]) -> str:
             f"| {_fmt(r['train_samples_per_s'], '.2f')} | {_fmt(r['train_peak_mem_mb'], '.0f')} "
             f"| {_fmt(r['eval_samples_per_s'], '.1f')} | {_fmt(r['eval_tokens_per_s'], '.0f')} |")
     if any(r.get("free_accuracy") is not None for r in rows):
-        lines += ["", "Free greedy decoding (the generated text must equal a letter), for comparison: "
+        what = "a choice's text" if cfg.data.answer_format == "text" else "a letter"
+        lines += ["", f"Free greedy decoding (the generated text must equal {what}), for comparison: "
                   + "; ".join(f"{r['optimizer']} {100 * r['free_accuracy']:.1f}% ({r['free_valid_pct']:.0f}% valid)"
                               for r in rows if r.get("free_accuracy") is not None) + "."]
     lines += ["", "Paired comparison on the same questions (exact McNemar test; p < 0.05 means the accuracy "
