@@ -252,7 +252,7 @@ def render_markdown(study, rows: list[dict], pairs: list[dict]) -> str:
         "",
         f"Seed {cfg.seed}; task {summary['task']} ({len(summary['labels'])} labels); rows: train {sizes['train']}, "
         f"validation {sizes['validation']}, test {sizes['test']}. Accuracy is measured on the "
-        f"**{cfg.eval.split}** split with {_decoding(cfg)} on the merged models; chance is "
+        f"**{cfg.eval.split}** split of the merged models with {_decoding(cfg)}. Chance is "
         f"{100 * rows[0]['chance']:.1f}%." if rows else "",
         "",
         "| optimizer | lr | accuracy (95% CI) | final train loss | best val loss | epochs | train time (s) "
