@@ -45,6 +45,19 @@ def test_benchmark_script_end_to_end(tiny_qwen3, tmp_path):
     assert "MFU" in table and "Validation samples/s" in table
 
 
+def test_profile_and_levers_scripts_run(tiny_qwen3, tmp_path):
+    for script, extra in (("where_time_goes.py", ["--steps", "1", "--max-samples-per-category", "3"]),
+                          ("where_time_goes.py", ["--eval", "--eval-rows", "4", "--max-samples-per-category", "3"]),
+                          ("levers.py", ["--train-steps", "1", "--max-samples-per-category", "3", "--eval-rows", "4",
+                                         "--eval-rounds", "1", "--only", "current default"])):
+        out = tmp_path / f"{script}.json"
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--model", str(tiny_qwen3),
+                               "--data", "demo", "--json", str(out), *extra], capture_output=True, text=True,
+                              timeout=280)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert json.loads(out.read_text())
+
+
 # ----------------------------------------------------------------------------- fast constrained decode
 
 @pytest.fixture(scope="module")

@@ -269,6 +269,10 @@ def test_shards_cover_every_row_once_in_the_same_batches(monkeypatch, world):
     plan = dist.batch_plan(lengths, 3)
     assert plan == dist.batch_plan(lengths, 3) and sorted(sum(plan, [])) == list(range(11))
     assert [lengths[i] for i in sum(plan, [])] == sorted(lengths)
+    capped = dist.batch_plan(lengths, 3, max_tokens=16)  # rows x longest row <= 16 (a longer row alone)
+    assert sorted(sum(capped, [])) == list(range(11))
+    assert all(len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 16 for b in capped)
+    assert max(len(b) for b in capped) <= 3 and len(capped) > len(plan)
     monkeypatch.setenv("WORLD_SIZE", str(world))
     seen = []
     for r in range(world):

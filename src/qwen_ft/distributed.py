@@ -173,10 +173,18 @@ def shard(items: list) -> list[int]:
     return list(range(rank(), len(items), world_size()))
 
 
-def batch_plan(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Row indices sorted by length (less padding) and cut into batches: the same plan on every rank."""
+def batch_plan(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Row indices sorted by length and cut into batches of at most `batch_size` rows and `max_tokens`
+    padded tokens (so long rows come in smaller batches and pad less); the same plan on every rank."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for i in order:  # ascending: the new row is the batch's longest
+        if batches and len(batches[-1]) < batch_size and \
+                (max_tokens is None or (len(batches[-1]) + 1) * lengths[i] <= max_tokens):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def tensors_digest(tensors: dict) -> str:

@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from qwen_ft.distributed import batch_plan
 from qwen_ft.encoding import PromptEncoder
 
 
@@ -45,11 +46,14 @@ class LabelScorer:
         self.n_prompt_tokens = 0
         self.n_computed_tokens = 0  # tokens actually run through the model (shared prefix counted once)
         self.share_prefix = True  # compute the instruction common to all prompts once (off: for measurements)
+        # padded prompt tokens per batch (rows x longest row): sorted MMLU-Pro prompts (66-508 tokens) in
+        # batches of 32 computed 2.9x the useful tokens; capped at 2048 on CPU, validation ran 2.5x faster
+        self.max_batch_tokens: int | None = 2048 if self.device.type == "cpu" else 16384
 
-    def _order(self, rows: list[dict]) -> tuple[list[list[int]], list[int]]:
+    def _batches(self, rows: list[dict], batch_size: int) -> tuple[list[list[int]], list[list[int]]]:
+        """Prompt ids, and row indices batched by length (less padding; fewer rows when they are long)."""
         prompts = [self.encoder.prompt_ids(r) for r in rows]
-        order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))  # less padding per batch
-        return prompts, order
+        return prompts, batch_plan([len(p) for p in prompts], batch_size, self.max_batch_tokens)
 
     @torch.inference_mode()
     def label_logprobs(self, prompts: list[list[int]], options: list[list[list[int]]] | None = None,
@@ -90,10 +94,9 @@ class LabelScorer:
 
     def score(self, rows: list[dict], batch_size: int = 16) -> list[dict]:
         """Per row: the predicted label and the probability of each allowed label."""
-        prompts, order = self._order(rows)
+        prompts, batches = self._batches(rows, batch_size)
         results: list[dict | None] = [None] * len(rows)
-        for start in range(0, len(order), batch_size):
-            idx = order[start: start + batch_size]
+        for idx in batches:
             opts = [self.encoder.answer_options(rows[i]) for i in idx]
             logp = self.label_logprobs([prompts[i] for i in idx], [seqs for _, seqs in opts]).cpu()
             for k, i in enumerate(idx):
@@ -188,12 +191,11 @@ class LabelScorer:
         """
         if not rows:
             return []
-        prompts, order = self._order(rows)
+        prompts, batches = self._batches(rows, batch_size)
         prefix = self._shared_prefix(prompts) if self.share_prefix else []
         cache = self._prefix_cache(prefix)
         results: list[dict | None] = [None] * len(rows)
-        for start in range(0, len(order), batch_size):
-            idx = order[start: start + batch_size]
+        for idx in batches:
             self.n_prompt_tokens += sum(len(prompts[i]) for i in idx)
             opts = [self.encoder.answer_options(rows[i]) for i in idx]
             logp, kv, mask, lengths = self._suffix_logits([prompts[i][len(prefix):] for i in idx], len(prefix),
@@ -211,12 +213,11 @@ class LabelScorer:
     @torch.inference_mode()
     def generate(self, rows: list[dict], batch_size: int = 16) -> list[dict]:
         """Free greedy decoding (for comparison): the output text must equal an answer to count as valid."""
-        prompts, order = self._order(rows)
+        prompts, batches = self._batches(rows, batch_size)
         tok, task = self.encoder.tok, self.encoder.task
         results: list[dict | None] = [None] * len(rows)
         stop = list({self.encoder.eot_id, *( [tok.eos_token_id] if tok.eos_token_id is not None else [])})
-        for start in range(0, len(order), batch_size):
-            idx = order[start: start + batch_size]
+        for idx in batches:
             ids, mask = left_pad([prompts[i] for i in idx], self.pad_id, self.device)
             self.n_prompt_tokens += int(mask.sum())
             longest = max(self.encoder.answer_len(rows[i]) for i in idx)

@@ -41,7 +41,8 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
     }.get(decode, scorer.generate)
     # The same batches for 1..N processes, each rank taking every N-th: a row meets the same neighbours
     # (padding, shared prefix) as in one process, so the predictions do not depend on the process count.
-    batches = dist.batch_plan([len(loaded.encoder.prompt_ids(row)) for row in rows], batch_size)
+    batches = dist.batch_plan([len(loaded.encoder.prompt_ids(row)) for row in rows], batch_size,
+                              scorer.max_batch_tokens)
     truncated = loaded.encoder.n_truncated  # each rank has encoded every row exactly once so far
     results = []
     with Timer() as timer:

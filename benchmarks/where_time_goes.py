@@ -1,14 +1,15 @@
 #!/usr/bin/env python
-"""Where a LoRA training step's time goes: torch.profiler over a few steps of the package defaults.
+"""Where the time goes: torch.profiler over LoRA training steps (default) or constrained validation (--eval).
 
-    python benchmarks/profile_train.py --model smollm2-135m --data ../shared/data/mmlu_pro/test.parquet
+    python benchmarks/where_time_goes.py --model smollm2-135m --data ../shared/data/mmlu_pro/test.parquet
+    python benchmarks/where_time_goes.py --eval ...     # the fast constrained decode, bf16 weights
 
 Prints the top operators by self time, the time share of each operator group (matmuls, attention,
 elementwise/norms, optimizer, the rest), the FLOP/s the matmul kernels reach on their own (the profiler
 counts their FLOPs) against a matmul peak measured here on the same threads and dtype, and the step's
 overall FLOP/s. The gap between the two is time outside matmuls; the gap between the matmul FLOP/s and
 the peak is the cost of this model's small shapes (hidden 576: thin matrices run far below a square
-matmul's peak).
+matmul's peak). Both run the package's own code paths with its defaults.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,8 +31,9 @@ from vs_reference import matmul_peak  # noqa: E402
 from qwen_ft.config import DataArgs  # noqa: E402
 from qwen_ft.data.prepare import prepare  # noqa: E402
 from qwen_ft.encoding import PromptEncoder  # noqa: E402
-from qwen_ft.models import load_tokenizer, resolve_model  # noqa: E402
-from qwen_ft.precision import resolve_precision  # noqa: E402
+from qwen_ft.models import load_model, load_tokenizer, resolve_model  # noqa: E402
+from qwen_ft.precision import inference_dtype, resolve_precision  # noqa: E402
+from qwen_ft.scoring import LabelScorer  # noqa: E402
 
 GROUPS = {
     "matmul (mm/addmm/bmm/linear)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
@@ -56,21 +59,35 @@ def main() -> None:
     p.add_argument("--max-samples-per-category", type=int, default=20)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--eval", action="store_true", help="Profile constrained validation instead of training.")
+    p.add_argument("--eval-rows", type=int, default=64)
+    p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--json", default=None)
     a = p.parse_args()
     precision = resolve_precision("auto")
     prepared = prepare(DataArgs(data=a.data, max_samples_per_category=a.max_samples_per_category), 42)
     path = resolve_model(a.model)
     encoder = PromptEncoder(load_tokenizer(path), prepared.task, 512)
-    autocast = precision == "bf16"
-    variant = TrainVariant("defaults", path, torch.float32, autocast, 0.0)
-    batches = train_batches(encoder, prepared.splits["train"], a.batch_size, a.steps + 1)
-    variant.step(batches[0])  # warm-up
-    variant.times, variant.tokens = [], []
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
-        for b in batches[1:]:
-            variant.step(b)
-    step_s = sum(variant.times)
+    if a.eval:
+        model = load_model(path, inference_dtype(precision)).eval()
+        config = model.config
+        rows = prepared.splits["validation"][: a.eval_rows]
+        LabelScorer(model, encoder).decode(rows[: a.eval_batch_size], a.eval_batch_size)  # warm-up
+        scorer = LabelScorer(model, encoder)
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+            scorer.decode(rows, a.eval_batch_size)
+        seconds, tokens, what = time.perf_counter() - t0, scorer.n_computed_tokens, {"eval_rows": len(rows)}
+    else:
+        variant = TrainVariant("defaults", path, torch.float32, precision == "bf16", 0.0)
+        config = variant.model.config
+        batches = train_batches(encoder, prepared.splits["train"], a.batch_size, a.steps + 1)
+        variant.step(batches[0])  # warm-up
+        variant.times, variant.tokens = [], []
+        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+            for b in batches[1:]:
+                variant.step(b)
+        seconds, tokens, what = sum(variant.times), sum(variant.tokens), {"train_steps": a.steps}
     events = prof.key_averages()
     by_group: dict[str, float] = defaultdict(float)
     mm_flops = mm_time = 0.0
@@ -81,22 +98,20 @@ def main() -> None:
             mm_flops += e.flops
             mm_time += e.self_cpu_time_total / 1e6
     total = sum(by_group.values())
-    cfg = variant.model.config
-    peak = matmul_peak(precision, cfg.hidden_size, cfg.intermediate_size)
+    peak = matmul_peak(precision, config.hidden_size, config.intermediate_size)
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]
     result = {
-        "precision": precision, "threads": torch.get_num_threads(), "steps": a.steps,
-        "tokens_per_s": round(sum(variant.tokens) / step_s, 1),
-        "step_seconds": round(step_s / a.steps, 3),
+        "precision": precision, "threads": torch.get_num_threads(), **what,
+        "seconds_under_profiler": round(seconds, 3), "tokens_per_s_under_profiler": round(tokens / seconds, 1),
         "time_share": {g: round(t / total, 3) for g, t in sorted(by_group.items(), key=lambda kv: -kv[1])},
         "matmul_kernel_gflops": round(mm_flops / mm_time / 1e9, 1) if mm_time else None,
-        "step_matmul_gflops": round(mm_flops / step_s / 1e9, 1),
+        "overall_matmul_gflops": round(mm_flops / seconds / 1e9, 1),
         "matmul_peak": peak,
         "top_ops_self_s": {e.key: round(e.self_cpu_time_total / 1e6, 3) for e in top},
     }
     if result["matmul_kernel_gflops"]:
         result["matmul_kernels_of_peak"] = round(result["matmul_kernel_gflops"] / peak["gflops"], 3)
-        result["step_of_peak"] = round(result["step_matmul_gflops"] / peak["gflops"], 3)
+        result["overall_of_peak"] = round(result["overall_matmul_gflops"] / peak["gflops"], 3)
     print(json.dumps(result, indent=1))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))
