@@ -46,6 +46,29 @@ def tiny_qwen3(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def qwen_tok(qwen3_tokenizer_dir):
+    from qwen_ft.models import load_tokenizer
+
+    return load_tokenizer(str(qwen3_tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_qwen3):
+    """The tiny Qwen3 loaded once, in eval mode (read-only tests)."""
+    from qwen_ft.models import load_model
+
+    return load_model(str(tiny_qwen3)).eval()
+
+
+def full_logprobs(model, ids: list[int]):
+    """[T, V] log-probabilities of a plain, uncached full-sequence forward (the reference for cached code)."""
+    import torch
+
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+
+
 @pytest.fixture
 def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("QWEN_FT_CACHE", str(tmp_path / "cache"))

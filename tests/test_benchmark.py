@@ -7,14 +7,10 @@ import json
 import subprocess
 import sys
 
-import pytest
-import torch
-
 from qwen_ft.encoding import PromptEncoder
-from qwen_ft.models import load_model, load_tokenizer
 from qwen_ft.scoring import LabelScorer
 from qwen_ft.tasks import CategoryTask, MultipleChoiceTask
-from tests.conftest import REPO
+from tests.conftest import REPO, full_logprobs
 
 QUESTIONS = ["Why is the sky blue?", "What is a contract?", "x", "Define entropy " * 5,
              "Which sorting algorithm is stable?", "What does the liver do?", "Solve 2x + 3 = 7."]
@@ -60,27 +56,12 @@ def test_profile_and_levers_scripts_run(tiny_qwen3, tmp_path):
 
 # ----------------------------------------------------------------------------- fast constrained decode
 
-@pytest.fixture(scope="module")
-def qwen_tok(qwen3_tokenizer_dir):
-    return load_tokenizer(str(qwen3_tokenizer_dir))
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_qwen3):
-    return load_model(str(tiny_qwen3)).eval()
-
-
-def full_logp(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
-
-
 def brute_force_greedy(model, prompt: list[int], label_ids: dict[str, list[int]], allowed: list[str]) -> str:
     """Greedy decoding over the label trie with plain, uncached full-sequence forwards."""
     cands, done = list(allowed), []
     while len(cands) > 1:
         k = len(done)
-        logp = full_logp(model, prompt + done)
+        logp = full_logprobs(model, prompt + done)[-1]
         options = sorted({label_ids[lab][k] for lab in cands})
         tok = max(options, key=lambda t: float(logp[t]))
         cands = [lab for lab in cands if label_ids[lab][k] == tok]
@@ -99,7 +80,7 @@ def test_fast_decode_unique_first_tokens_matches_exact_first_token_argmax(tiny_m
     fast = scorer.decode(rows, batch_size=3)
     for row, res in zip(rows, fast):
         assert res["pred"] in task.labels and res["valid"]
-        logp = full_logp(tiny_model, enc.prompt_ids(row))
+        logp = full_logprobs(tiny_model, enc.prompt_ids(row))[-1]
         assert res["pred"] == task.labels[int(logp[firsts].argmax())]
     # the shared instruction was computed once: far fewer tokens run than the prompts hold
     assert scorer.n_computed_tokens < scorer.n_prompt_tokens

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 import yaml
 
 from qwen_ft.config import PRESETS, TrainConfig, preset_for
 from qwen_ft.data.prepare import prepare
 from qwen_ft.encoding import IGNORE, PromptEncoder
-from qwen_ft.models import load_model, load_tokenizer
+from qwen_ft.models import load_model
 from qwen_ft.scoring import LabelScorer
 from qwen_ft.tasks import CategoryTask, MultipleChoiceTask
 from qwen_ft.training import LeftPadCollator, answer_loss
-
-
-@pytest.fixture(scope="module")
-def qwen_tok(qwen3_tokenizer_dir):
-    return load_tokenizer(str(qwen3_tokenizer_dir))
 
 
 def category_task():

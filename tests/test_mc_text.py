@@ -11,9 +11,9 @@ from qwen_ft.config import DataArgs
 from qwen_ft.data.prepare import prepare
 from qwen_ft.encoding import IGNORE, PromptEncoder
 from qwen_ft.errors import UserError
-from qwen_ft.models import load_model, load_tokenizer
 from qwen_ft.scoring import LabelScorer, match_answer
 from qwen_ft.tasks import MultipleChoiceTask, Task
+from tests.conftest import full_logprobs
 
 ROWS = [
     {"question": "Where do you keep milk cold?", "choices": ["oven", "fridge", "kitchen drawer", "car", "roof"],
@@ -26,23 +26,8 @@ ROWS = [
 
 
 @pytest.fixture(scope="module")
-def qwen_tok(qwen3_tokenizer_dir):
-    return load_tokenizer(str(qwen3_tokenizer_dir))
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_qwen3):
-    return load_model(str(tiny_qwen3)).eval()
-
-
-@pytest.fixture(scope="module")
 def enc(qwen_tok):
     return PromptEncoder(qwen_tok, MultipleChoiceTask.create(ROWS, answer_format="text"), max_length=256)
-
-
-def full_logp(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
 
 
 def test_prompt_lists_choices_and_target_is_the_choice_text(enc, qwen_tok):
@@ -70,7 +55,7 @@ def test_exact_score_equals_full_sequence_logprobs_of_each_rows_choices(enc, tin
     cached = scorer.label_logprobs(prompts, options)
     for b, (prompt, seqs) in enumerate(zip(prompts, options)):
         for j, seq in enumerate(seqs):
-            logp = full_logp(tiny_model, prompt + seq)
+            logp = full_logprobs(tiny_model, prompt + seq)
             ref = sum(float(logp[len(prompt) - 1 + k, t]) for k, t in enumerate(seq))
             assert abs(ref - float(cached[b, j])) < 1e-3
         assert torch.isinf(cached[b, len(seqs):]).all()  # padding options never win
@@ -85,7 +70,7 @@ def test_fast_decode_is_greedy_over_each_rows_choice_trie(enc, tiny_model):
         labels, seqs = enc.answer_options(row)
         prompt, cands, done = enc.prompt_ids(row), list(range(len(seqs))), []
         while len(cands) > 1:  # brute force: uncached full-sequence forwards
-            logp = full_logp(tiny_model, prompt + done)[-1]
+            logp = full_logprobs(tiny_model, prompt + done)[-1]
             k = len(done)
             tok = max({seqs[j][k] for j in cands}, key=lambda t: float(logp[t]))
             cands = [j for j in cands if seqs[j][k] == tok]

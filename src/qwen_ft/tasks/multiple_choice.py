@@ -81,7 +81,6 @@ class MultipleChoiceTask(Task):
         "Answer the multiple-choice question. Reply with the text of the correct choice only, exactly as listed."
     )
     DEFAULT_QUESTION: ClassVar[str] = "Question: {question}\n{choices}"
-    ANSWER_FORMATS: ClassVar[tuple[str, ...]] = ("letter", "text")
 
     @staticmethod
     def matches(columns: list[str]) -> bool:
