@@ -59,6 +59,10 @@ class DataArgs:
     answer_format: str = arg("letter", "Multiple choice: the model writes the letter, or the text of the correct "
                              "choice (mapped back to its letter; for models too small to bind letters).",
                              "--answer-format", ("letter", "text"))
+    prompt_style: str = arg("chat", "chat: the tokenizer's chat template (instruction as system message); plain: no "
+                            "template, '<question>\\nAnswer: <answer>' as lm-evaluation-harness scores multiple "
+                            "choice (answers carry no end token, so scoring is exact).", "--prompt-style",
+                            ("chat", "plain"))
     instruction: str | None = arg(None, "System instruction; {labels} is replaced by the label list.", "--instruction")
     question_template: str | None = arg(None, "User message; {question} (and {choices} for multiple choice).", "--question-template")
 

@@ -21,7 +21,11 @@ class PromptEncoder:
         self.tok = tokenizer
         self.task = task
         self.max_length = max_length
-        self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.plain = task.extra.get("prompt_style") == "plain"
+        self.has_template = bool(getattr(tokenizer, "chat_template", None)) and not self.plain
+        # plain prompts score each answer as a continuation (lm-evaluation-harness style): no end token
+        # follows it, so answers can only be compared by their exact log-probability, never decoded
+        self.ends_answers = not self.plain
         self.n_truncated = 0
 
     # ------------------------------------------------------------------ prompt text
@@ -32,7 +36,7 @@ class PromptEncoder:
 
     def render(self, system: str, user: str, answer: str | None = None) -> str:
         if not self.has_template:
-            text = f"{system}\n\n{user}\nAnswer:"
+            text = (f"{system}\n\n" if system else "") + f"{user}\nAnswer:"
             return text if answer is None else f"{text} {answer}"
         messages = self._messages(system, user)
         if answer is None:
@@ -72,7 +76,8 @@ class PromptEncoder:
     # ------------------------------------------------------------------ answer ids
     def answer_ids(self, text: str) -> list[int]:
         """The tokens the model writes to answer `text`, end-of-turn included."""
-        return self._ids(("" if self.has_template else " ") + text) + [self.eot_id]
+        ids = self._ids(("" if self.has_template else " ") + text)
+        return ids + [self.eot_id] if self.ends_answers else ids
 
     @cached_property
     def label_ids(self) -> dict[str, list[int]]:

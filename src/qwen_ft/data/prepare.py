@@ -80,7 +80,7 @@ def prepare(data: DataArgs, seed: int) -> Prepared:
 
     if is_mc:
         task = TASKS[task_name].create(rows + splits["validation"], data.instruction, data.question_template,
-                                       data.answer_format)
+                                       data.answer_format, data.prompt_style)
     else:
         train_labels = Counter(r["label"] for r in splits["train"])
         unseen = sorted({r["label"] for r in splits["validation"] + splits["test"]} - set(train_labels))
@@ -88,6 +88,8 @@ def prepare(data: DataArgs, seed: int) -> Prepared:
             raise UserError(f"labels in validation/test not seen in training: {', '.join(unseen)}",
                             "Add training rows for these labels or drop them from the validation data.")
         task = TASKS[task_name].create(list(train_labels), data.instruction, data.question_template)
+        if data.prompt_style != "chat":
+            task.extra["prompt_style"] = data.prompt_style
     _check_template(task)
     return Prepared(task=task, splits=splits, dropped=dropped)
 

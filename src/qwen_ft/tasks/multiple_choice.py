@@ -81,6 +81,7 @@ class MultipleChoiceTask(Task):
         "Answer the multiple-choice question. Reply with the text of the correct choice only, exactly as listed."
     )
     DEFAULT_QUESTION: ClassVar[str] = "Question: {question}\n{choices}"
+    PLAIN_QUESTION: ClassVar[str] = "Question: {question}"  # lm-evaluation-harness: choices are not listed
 
     @staticmethod
     def matches(columns: list[str]) -> bool:
@@ -116,13 +117,19 @@ class MultipleChoiceTask(Task):
 
     @classmethod
     def create(cls, rows: list[dict], instruction: str | None = None, question_template: str | None = None,
-               answer_format: str = "letter"):
+               answer_format: str = "letter", prompt_style: str = "chat"):
+        """`prompt_style` plain: no chat template and no instruction; the question alone, then the answer
+        text (lm-evaluation-harness's multiple-choice format, in which every choice is scored)."""
         n = max(len(r["choices"]) for r in rows)
-        text = answer_format == "text"
-        default = cls.TEXT_INSTRUCTION if text else cls.DEFAULT_INSTRUCTION
-        return cls(labels=list(LETTERS[:n]), instruction=instruction or default,
-                   question_template=question_template or cls.DEFAULT_QUESTION,
-                   extra={"answer_format": "text"} if text else {})
+        text = answer_format == "text" or prompt_style == "plain"
+        plain = prompt_style == "plain"
+        default = "" if plain else cls.TEXT_INSTRUCTION if text else cls.DEFAULT_INSTRUCTION
+        extra = {"answer_format": "text"} if text else {}
+        if plain:
+            extra["prompt_style"] = "plain"
+        return cls(labels=list(LETTERS[:n]), instruction=default if instruction is None else instruction,
+                   question_template=question_template or (cls.PLAIN_QUESTION if plain else cls.DEFAULT_QUESTION),
+                   extra=extra)
 
     def row_labels(self, row: dict) -> list[str]:
         return self.labels[: len(row["choices"])]
