@@ -1,83 +1,98 @@
-"""`qwen-ft validate`: score a run's validation (or test) rows, sharded over processes, and report."""
+"""`qwen-ft validate`: score a run on its validation/test split or on any labeled data set, and report."""
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 from qwen_ft import distributed as dist
+from qwen_ft.engine import Classifier, stderr_is_terminal
 from qwen_ft.errors import Problems, UserError
-from qwen_ft.inference import load_run
-from qwen_ft.metrics import classification_report, write_confusion
+from qwen_ft.metrics import write_confusion
 from qwen_ft.runs import RunDir, write_json, write_jsonl
-from qwen_ft.scoring import Timer
 
 log = logging.getLogger(__name__)
+
+
+def load_data_rows(source: str, task_name: str, text_column: str | None = None, label_column: str | None = None,
+                   hub_split: str | None = None) -> list[dict]:
+    """Labeled rows of any data set, read and normalized exactly as training reads its data."""
+    from qwen_ft.config import DataArgs
+    from qwen_ft.data.prepare import load_rows
+
+    data = DataArgs(data=source, hub_split=hub_split, text_column=text_column, label_column=label_column)
+    _, rows, dropped = load_rows(source, task_name, data, "row")
+    if dropped:
+        log.warning("dropped %d rows without text or label from %s", dropped, source)
+    return rows
+
+
+def known_label_rows(rows: list[dict], labels: list[str], skip: bool) -> tuple[list[dict], dict[str, int]]:
+    """Rows whose gold label the run knows; others are one error, or (with `skip`) counted and left out."""
+    unknown = Counter(r["label"] for r in rows if r["label"] not in set(labels))
+    if unknown and not skip:
+        listed = ", ".join(f"{lab!r} ({n})" for lab, n in unknown.most_common())
+        raise UserError(f"{sum(unknown.values())} of {len(rows)} rows have labels this run does not know: {listed}; "
+                        f"the run knows {', '.join(labels)}",
+                        "Map them to the run's labels, pick the right --label-column, or pass "
+                        "--skip-unknown-labels to score the other rows and count these separately.")
+    return [r for r in rows if r["label"] not in unknown], dict(unknown.most_common())
 
 
 def run_validate(model_path: str, split: str = "validation", num_samples: int | None = None,
                  decode: str = "constrained", batch_size: int = 16, output_dir: str | None = None,
                  base_model: str | None = None, precision: str = "auto", gpu_id: int | None = None,
-                 baseline: bool = False) -> dict:
+                 baseline: bool = False, data: str | None = None, text_column: str | None = None,
+                 label_column: str | None = None, hub_split: str | None = None, skip_unknown_labels: bool = False,
+                 normalize: str = "none", trust_remote_code: bool = False) -> dict:
     dist.select_gpu(gpu_id)
     p = Problems()  # every problem with the flags and the folder at once
     p.check(batch_size > 0, f"--batch-size must be > 0 (got {batch_size})")
     p.check(num_samples is None or num_samples > 0, f"--num-val-samples must be > 0 (got {num_samples})")
-    run = p.attempt(RunDir(model_path).require_complete)
+    p.check(normalize == "none" or decode == "exact", f"--normalize {normalize} applies to --decode exact")
+    p.check(data is not None or not (text_column or label_column or hub_split),
+            "--text-column/--label-column/--hub-split apply to --data")
+    is_merged = (Path(model_path) / "merge.json").is_file()
+    run = None if is_merged else p.attempt(RunDir(model_path).require_complete)
     p.raise_if_any()
-    rows = run.split(split)
+
+    dist.init()
+    clf = Classifier.load(model_path, base_model=base_model, precision=precision, adapter=not baseline,
+                          trust_remote_code=trust_remote_code)
+    if data is not None:
+        rows = load_data_rows(data, clf.task.name, text_column, label_column, hub_split)
+    elif run is None:
+        raise UserError(f"{model_path} is a merged model folder, which holds no splits", "Pass --data FILE.")
+    else:
+        rows = run.split(split)
+    clf.check_rows(rows)  # e.g. more choices than the run has letters: before the label check, clearer
+    rows, skipped = known_label_rows(rows, clf.labels, skip_unknown_labels)
     if not rows:
-        raise UserError(f"the {split} split of {model_path} is empty", "Use --split validation or --split test.")
+        raise UserError(f"no rows to score in {data or f'the {split} split of {model_path}'}",
+                        "Use --split validation or --split test, or another --data.")
     rows = rows[:num_samples] if num_samples else rows
     out_dir = Path(output_dir) if output_dir else Path(model_path) / ("eval-baseline" if baseline else "eval")
 
-    dist.init()
-    loaded = load_run(model_path, base_model, precision, adapter=not baseline)
-    labels = loaded.encoder.task.labels
-    scorer = loaded.scorer
-    predict = {
-        "constrained": scorer.decode,  # fast: shared-prefix KV cache + greedy decoding over the label trie
-        "exact": scorer.score,  # every label's exact log-probability (and a distribution over labels)
-    }.get(decode, scorer.generate)
-    # The same batches for 1..N processes, each rank taking every N-th: a row meets the same neighbours
-    # (padding, shared prefix) as in one process, so the predictions do not depend on the process count.
-    batches = dist.batch_plan([len(loaded.encoder.prompt_ids(row)) for row in rows], batch_size,
-                              scorer.max_batch_tokens)
-    truncated = loaded.encoder.n_truncated  # each rank has encoded every row exactly once so far
-    results = []
-    with Timer() as timer:
-        for b in dist.shard(batches):
-            results += zip(batches[b], predict([rows[i] for i in batches[b]], batch_size))
-    parts = dist.gather_objects({"results": results, "seconds": timer.seconds,
-                                 "tokens": scorer.n_prompt_tokens, "computed": scorer.n_computed_tokens,
-                                 "memory": dist.peak_memory()})
+    report, predictions = clf.evaluate(rows, decode=decode, normalize=normalize, batch_size=batch_size,
+                                       progress=dist.is_main() and stderr_is_terminal(), distributed=True)
     if not dist.is_main():
         return {}
-
-    merged = sorted((pair for p in parts for pair in p["results"]), key=lambda pair: pair[0])
-    preds = [r for _, r in merged]
-    golds = [row["label"] for row in rows]
-    report = classification_report(golds, [p["pred"] for p in preds], labels)
-    seconds = max(p["seconds"] for p in parts)
-    report.update({
-        "split": split, "decode": decode, "baseline": baseline, "model_path": str(model_path), "precision": loaded.precision,
-        "world_size": dist.world_size(), "seconds": round(seconds, 3),
-        "samples_per_s": round(len(rows) / seconds, 3) if seconds else None,
-        "prompt_tokens_per_s": round(sum(p["tokens"] for p in parts) / seconds, 1) if seconds else None,
-        "computed_tokens": sum(p["computed"] for p in parts),  # constrained: shared prefix counted once per batch
-        "memory_per_rank": [p["memory"] for p in parts], "truncated_prompts": truncated,
-    })
-    if truncated:
+    report.update({"data": data or f"split:{split}", "split": None if data else split, "baseline": baseline,
+                   "model_path": str(model_path)})
+    if data is not None:
+        report["skipped_unknown_labels"] = skipped
+    if report["truncated_prompts"]:
         log.warning("%d of %d prompts were longer than --max-length %d: their question text was truncated",
-                    truncated, len(rows), loaded.encoder.max_length)
+                    report["truncated_prompts"], len(rows), clf.encoder.max_length)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").unlink(missing_ok=True)  # eval.json marks a whole eval: gone first, written last
-    write_jsonl(out_dir / "predictions.jsonl", [
-        {"id": row["id"], "label": row["label"], **pred, "correct": pred["pred"] == row["label"]}
-        for row, pred in zip(rows, preds)])
-    write_confusion(golds, [p["pred"] for p in preds], labels, out_dir)
+    write_jsonl(out_dir / "predictions.jsonl", predictions)
+    write_confusion([r["label"] for r in rows], [p["pred"] for p in predictions], clf.labels, out_dir)
     write_json(out_dir / "eval.json", report)
-    log.info(summary_table(report, labels))
+    log.info(summary_table(report, clf.labels))
+    if skipped:
+        log.info("left out %d rows with labels the run does not know: %s", sum(skipped.values()), skipped)
     log.info("wrote %s", out_dir / "eval.json")
     return report
 
@@ -91,23 +106,36 @@ def summary_table(report: dict, labels: list[str]) -> str:
     lo, hi = report["accuracy_ci95"]
     lines += [
         "",
-        f"accuracy    {report['accuracy']:.4f}  (95% CI {lo:.3f}-{hi:.3f}, n={report['n']})",
+        f"accuracy    {report['accuracy']:.4f}  (95% CI {lo:.3f}-{hi:.3f}, n={report['n']}, chance "
+        f"{report['chance']:.3f})",
         f"macro-F1    {report['macro_f1']:.4f}    weighted-F1 {report['weighted_f1']:.4f}",
-        f"valid       {report['valid_pct']:.1f}%   decode {report['decode']}   "
-        f"{report['samples_per_s']} samples/s on {report['world_size']} process(es)",
+        f"valid       {report['valid_pct']:.1f}%   decode {report['decode']}"
+        + (f" (normalize {report['normalize']})" if report["normalize"] != "none" else "")
+        + f"   {report['samples_per_s']} samples/s on {report['world_size']} process(es)",
     ]
     return "\n".join(lines)
 
 
 def add_parser(sub, name: str) -> None:
-    p = sub.add_parser(name, help="Score a run's validation/test rows (label-constrained by default).")
-    p.add_argument("--model-path", required=True, help="Run folder written by `qwen-ft train`.")
+    p = sub.add_parser(name, help="Score a run on its validation/test rows or on any labeled data set.")
+    p.add_argument("--model-path", required=True, help="Run folder written by `qwen-ft train` (or `qwen-ft merge`).")
     p.add_argument("--split", default="validation", choices=("validation", "test"))
-    p.add_argument("--num-val-samples", type=int, default=None, help="Score only the first N rows of the split.")
+    p.add_argument("--data", default=None, help="Score this labeled data set instead of a split: a .jsonl/.json/"
+                                                ".csv/.parquet file or a hub id, read as training reads --data.")
+    p.add_argument("--text-column", default=None, help="With --data: the column holding the text.")
+    p.add_argument("--label-column", default=None, help="With --data: the column holding the label.")
+    p.add_argument("--hub-split", default=None, help="With a hub --data: the split to read.")
+    p.add_argument("--skip-unknown-labels", action="store_true",
+                   help="Leave out rows whose label the run does not know (counted in eval.json) instead of "
+                        "stopping with an error.")
+    p.add_argument("--num-val-samples", type=int, default=None, help="Score only the first N rows.")
     p.add_argument("--decode", default="constrained", choices=("constrained", "exact", "free"),
                    help="constrained (fast): greedy decoding over the labels' token trie, the shared instruction "
                         "computed once (always valid); exact: each label's exact probability, argmax (always "
                         "valid, slower); free: greedy text, exact match.")
+    p.add_argument("--normalize", default="none", choices=("none", "token", "char"),
+                   help="With --decode exact: divide each answer's log-probability by its number of tokens, or "
+                        "of characters (lm-evaluation-harness acc_norm), before comparing answers.")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--output-dir", default=None, help="Where eval.json etc. go (default: RUN/eval).")
     p.add_argument("--base-model", default=None, help="Override the base model recorded in the run.")
@@ -115,5 +143,9 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--gpu-id", type=int, default=None)
     p.add_argument("--baseline", action="store_true",
                    help="Score the base model without the adapter (same prompt and rows): the untrained baseline.")
-    p.set_defaults(func=lambda a: run_validate(a.model_path, a.split, a.num_val_samples, a.decode, a.batch_size,
-                                               a.output_dir, a.base_model, a.precision, a.gpu_id, a.baseline))
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="Allow the model's own code from its repository (needed when the run was trained with it).")
+    p.set_defaults(func=lambda a: run_validate(
+        a.model_path, a.split, a.num_val_samples, a.decode, a.batch_size, a.output_dir, a.base_model, a.precision,
+        a.gpu_id, a.baseline, a.data, a.text_column, a.label_column, a.hub_split, a.skip_unknown_labels,
+        a.normalize, a.trust_remote_code))

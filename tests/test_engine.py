@@ -1,0 +1,219 @@
+"""engine.Classifier against plain, uncached full-sequence forwards (the brute-force reference)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import threading
+
+import pytest
+import torch
+import yaml
+
+from qwen_ft.encoding import PromptEncoder
+from qwen_ft.engine import Classifier
+from qwen_ft.errors import UserError
+from qwen_ft.tasks import CategoryTask, MultipleChoiceTask
+from tests.conftest import full_logprobs
+
+QUESTIONS = ["Why is the sky blue?", "What is a contract?", "x", "Define entropy " * 5,
+             "Integrate x dx from 0 to 1.", "What do ribosomes do?", "Who wrote the Iliad?"]
+MC_ROWS = [
+    {"question": "Where do you keep milk cold?", "choices": ["oven", "fridge", "kitchen drawer", "car", "roof"],
+     "label": "B"},
+    {"question": "What do bees make?", "choices": ["honey", "silk", "wax paper", "honey cake", "milk"], "label": "A"},
+    {"question": "Pick the colour of grass.", "choices": ["green", "blue", "red", "green", "pink"], "label": "A"},
+    {"question": "Which is a prime?", "choices": ["4", "6", "7"], "label": "C"},
+]
+
+
+def encoders(tok) -> dict[str, PromptEncoder]:
+    return {
+        "unique first tokens": PromptEncoder(tok, CategoryTask.create(["biology", "computer science", "law", "math"]),
+                                             256),
+        "shared first token": PromptEncoder(tok, CategoryTask.create(["computer science", "computer vision",
+                                                                      "computer networks", "law"]), 256),
+        "mc letters": PromptEncoder(tok, MultipleChoiceTask.create(MC_ROWS), 256),
+        "mc text": PromptEncoder(tok, MultipleChoiceTask.create(MC_ROWS, answer_format="text"), 256),
+    }
+
+
+def rows_for(enc: PromptEncoder) -> list[dict]:
+    if enc.task.name == "multiple_choice":
+        return MC_ROWS
+    return [{"question": q, "label": enc.task.labels[i % len(enc.task.labels)]} for i, q in enumerate(QUESTIONS)]
+
+
+def brute_greedy(model, prompt: list[int], seqs: list[list[int]]) -> tuple[int, list[float]]:
+    """Greedy decoding over the answers' trie with full forwards; and the first-token probabilities."""
+    cands, done, first = list(range(len(seqs))), [], None
+    while True:
+        logp = full_logprobs(model, prompt + done)[-1]
+        k = len(done)
+        if first is None:
+            firsts = sorted({s[0] for s in seqs})
+            p = torch.softmax(logp[firsts].double(), -1)
+            first = [float(p[firsts.index(s[0])]) for s in seqs]
+        if len(cands) == 1:
+            return cands[0], first
+        tok = max({seqs[j][k] for j in cands}, key=lambda t: float(logp[t]))
+        cands = [j for j in cands if seqs[j][k] == tok]
+        done.append(tok)
+
+
+def brute_logprob(model, prompt: list[int], seq: list[int]) -> float:
+    logp = full_logprobs(model, prompt + seq)
+    return sum(float(logp[len(prompt) - 1 + k, t]) for k, t in enumerate(seq))
+
+
+@pytest.fixture(scope="module")
+def classifiers(tiny_model, qwen_tok) -> dict[str, Classifier]:
+    return {name: Classifier(tiny_model, enc) for name, enc in encoders(qwen_tok).items()}
+
+
+@pytest.mark.parametrize("name", ["unique first tokens", "shared first token", "mc letters", "mc text"])
+def test_constrained_equals_brute_force_greedy(classifiers, tiny_model, name):
+    clf = classifiers[name]
+    rows = rows_for(clf.encoder)
+    results, stats = clf.classify(rows, batch_size=3, top_k=10)
+    for row, res in zip(rows, results):
+        labels, seqs = clf.encoder.answer_options(row)
+        best, first = brute_greedy(tiny_model, clf.encoder.prompt_ids(row), seqs)
+        assert res["valid"] and res["pred"] == labels[best]
+        assert res["probability"] == pytest.approx(first[best], abs=1e-4)
+        assert res["top"][0][0] == res["pred"] and len(res["top"]) == len(labels)
+        for lab, p in res["top"]:
+            assert p == pytest.approx(first[labels.index(lab)], abs=1e-4)
+    # the instruction runs once (at load), not once per row
+    assert stats["rows"] == len(rows) and stats["computed_tokens"] < stats["prompt_tokens"]
+
+
+@pytest.mark.parametrize("name", ["unique first tokens", "shared first token", "mc letters", "mc text"])
+@pytest.mark.parametrize("normalize", ["none", "token", "char"])
+def test_exact_equals_hand_computed_normalized_logprobs(classifiers, tiny_model, name, normalize):
+    clf = classifiers[name]
+    rows = rows_for(clf.encoder)
+    results, stats = clf.classify(rows, decode="exact", normalize=normalize, batch_size=3, top_k=10)
+    assert stats["normalize"] == normalize and stats["decode"] == "exact"
+    for row, res in zip(rows, results):
+        labels, seqs = clf.encoder.answer_options(row)
+        prompt = clf.encoder.prompt_ids(row)
+        scores = []
+        for lab, seq in zip(labels, seqs):
+            lp = brute_logprob(tiny_model, prompt, seq)
+            div = {"none": 1, "token": len(seq), "char": len(clf.task.answer(row, lab))}[normalize]
+            scores.append(lp / div)
+        z = max(scores)
+        probs = [math.exp(s - z) for s in scores]
+        probs = [p / sum(probs) for p in probs]
+        got = dict(map(tuple, res["top"]))
+        assert set(got) == set(labels)
+        for lab, p in zip(labels, probs):
+            assert got[lab] == pytest.approx(p, abs=1e-4)
+        assert res["pred"] == labels[max(range(len(labels)), key=probs.__getitem__)]
+        assert res["probability"] == pytest.approx(max(probs), abs=1e-4)
+
+
+def test_batching_and_top_k_do_not_change_predictions(classifiers):
+    clf = classifiers["unique first tokens"]
+    rows = rows_for(clf.encoder)
+    for decode in ("constrained", "exact"):
+        one, _ = clf.classify(rows, decode=decode, batch_size=1)
+        many, _ = clf.classify(rows, decode=decode, batch_size=16, top_k=2)
+        assert [r["pred"] for r in one] == [r["pred"] for r in many]
+        assert all(len(r["top"]) == 1 for r in one) and all(len(r["top"]) == 2 for r in many)
+        for a, b in zip(one, many):
+            assert a["probability"] == pytest.approx(b["probability"], abs=1e-4)
+
+
+def test_free_decoding_is_valid_only_on_an_exact_answer(classifiers):
+    clf = classifiers["unique first tokens"]
+    results, stats = clf.classify(rows_for(clf.encoder), decode="free", batch_size=4)
+    for res in results:
+        assert isinstance(res["output"], str) and res["probability"] is None
+        assert res["valid"] == (res["pred"] is not None)
+        assert res["pred"] is None or res["output"].strip().rstrip(".").lower() == res["pred"]
+    assert stats["computed_tokens"] > 0
+
+
+def test_stats_are_returned_not_kept_and_concurrent_calls_agree(classifiers):
+    clf = classifiers["mc text"]
+    before = {k: v for k, v in vars(clf).items() if isinstance(v, (int, float, str, bool))}
+    ref, stats = clf.classify(MC_ROWS, decode="exact", batch_size=2)
+    out: dict[int, list] = {}
+
+    def call(i):
+        out[i] = clf.classify(MC_ROWS[i % 4:] + MC_ROWS[: i % 4], decode="exact", batch_size=2)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (res, st) in out.items():
+        rotated = ref[i % 4:] + ref[: i % 4]
+        assert [r["pred"] for r in res] == [r["pred"] for r in rotated]
+        assert st["prompt_tokens"] == stats["prompt_tokens"]
+    assert {k: v for k, v in vars(clf).items() if isinstance(v, (int, float, str, bool))} == before
+
+
+def test_user_mistakes_are_user_errors(classifiers, qwen_tok, tiny_model):
+    clf = classifiers["mc letters"]
+    eight = {"question": "q", "choices": list("abcdefgh")}
+    with pytest.raises(UserError, match="answers 2 to 5 choices.*1 row\\(s\\) with 8 choices"):
+        clf.classify([MC_ROWS[0], eight])
+    with pytest.raises(UserError, match="--normalize char applies to --decode exact"):
+        clf.classify(MC_ROWS, normalize="char")
+    with pytest.raises(UserError, match="decode must be one of"):
+        clf.classify(MC_ROWS, decode="beam")
+    with pytest.raises(UserError, match="multiple-choice input must be JSON"):
+        clf.row("just text")
+    assert clf.row('{"question": "q", "choices": ["a", 2]}') == {"question": "q", "choices": ["a", "2"]}
+    enc = copy.copy(encoders(qwen_tok)["unique first tokens"])
+    enc.ends_answers = False  # answers without an end-of-turn token: only exact scoring is defined
+    open_ended = Classifier(tiny_model, enc)
+    for decode in ("constrained", "free"):
+        with pytest.raises(UserError, match="Use --decode exact"):
+            open_ended.classify([{"question": "q"}], decode=decode)
+
+
+def test_evaluate_report_schema(classifiers):
+    clf = classifiers["mc letters"]
+    report, preds = clf.evaluate(MC_ROWS, decode="exact", normalize="token")
+    for key in ("n", "accuracy", "accuracy_ci95", "macro_f1", "weighted_f1", "valid_pct", "per_label", "decode",
+                "normalize", "chance", "seconds", "samples_per_s", "prompt_tokens", "computed_tokens", "precision"):
+        assert key in report, key
+    assert report["chance"] == pytest.approx((3 * 1 / 5 + 1 / 3) / 4)
+    assert report["normalize"] == "token" and report["n"] == 4
+    assert [p["label"] for p in preds] == [r["label"] for r in MC_ROWS]
+    assert report["accuracy"] == sum(p["correct"] for p in preds) / 4
+
+
+def test_load_run_baseline_merged_and_remote_code(tiny_run, tmp_path):
+    from qwen_ft.runs import RunDir
+    from qwen_ft.study.merge import merge_run
+
+    rows = RunDir(tiny_run).split("validation")
+    clf = Classifier.load(tiny_run, precision="fp32")
+    assert clf.labels == json.loads((tiny_run / "label_mapping.json").read_text())["labels"]
+    trained, _ = clf.classify(rows, decode="exact")
+    base, _ = Classifier.load(tiny_run, precision="fp32", adapter=False).classify(rows, decode="exact")
+    assert [r["top"] for r in trained] != [r["top"] for r in base]  # the adapter changes the scores
+
+    merged_dir = tmp_path / "merged"
+    merge_run(tiny_run, merged_dir, dtype="fp32")
+    merged, _ = Classifier.load(merged_dir, precision="fp32").classify(rows, decode="exact")
+    assert [r["pred"] for r in merged] == [r["pred"] for r in trained]
+    for a, b in zip(merged, trained):
+        assert a["probability"] == pytest.approx(b["probability"], abs=1e-4)
+
+    remote = tmp_path / "remote"
+    import shutil
+
+    shutil.copytree(tiny_run, remote)
+    cfg = yaml.safe_load((remote / "config.yaml").read_text())
+    cfg["model"]["trust_remote_code"] = True
+    (remote / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(UserError, match="Pass --trust-remote-code"):
+        Classifier.load(remote, precision="fp32")
