@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from qwen_ft.encoding import PromptEncoder
-from qwen_ft.scoring import LabelScorer
+from qwen_ft.engine import Classifier
 from qwen_ft.tasks import CategoryTask, MultipleChoiceTask
 from tests.conftest import REPO, full_logprobs
 
@@ -76,14 +76,13 @@ def test_fast_decode_unique_first_tokens_matches_exact_first_token_argmax(tiny_m
     firsts = [enc.label_ids[lab][0] for lab in task.labels]
     assert len(set(firsts)) == len(firsts)
     rows = [{"question": q} for q in QUESTIONS]
-    scorer = LabelScorer(tiny_model, enc)
-    fast = scorer.decode(rows, batch_size=3)
+    fast, stats = Classifier(tiny_model, enc).classify(rows, batch_size=3)
     for row, res in zip(rows, fast):
         assert res["pred"] in task.labels and res["valid"]
         logp = full_logprobs(tiny_model, enc.prompt_ids(row))[-1]
         assert res["pred"] == task.labels[int(logp[firsts].argmax())]
     # the shared instruction was computed once: far fewer tokens run than the prompts hold
-    assert scorer.n_computed_tokens < scorer.n_prompt_tokens
+    assert stats["computed_tokens"] < stats["prompt_tokens"]
 
 
 def test_fast_decode_agrees_with_exact_when_continuations_are_certain(tiny_model, qwen_tok):
@@ -96,10 +95,10 @@ def test_fast_decode_agrees_with_exact_when_continuations_are_certain(tiny_model
     task = CategoryTask.create(["biology", "computer science", "law", "math"])
     enc = PromptEncoder(qwen_tok, task, max_length=256)
     rows = [{"question": q} for q in QUESTIONS]
-    scorer = LabelScorer(tiny_model, enc)
-    fast = [r["pred"] for r in scorer.decode(rows, batch_size=4)]
-    first_only = scorer.label_logprobs([enc.prompt_ids(r) for r in rows], continuation=False)
-    exact = [task.labels[int(i)] for i in first_only.argmax(-1)]
+    fast = [r["pred"] for r in Classifier(tiny_model, enc).classify(rows, batch_size=4)[0]]
+    firsts = [enc.label_ids[lab][0] for lab in task.labels]
+    first_only = [full_logprobs(tiny_model, enc.prompt_ids(r))[-1][firsts] for r in rows]
+    exact = [task.labels[int(lp.argmax())] for lp in first_only]
     assert fast == exact
 
 
@@ -109,7 +108,7 @@ def test_fast_decode_shared_first_token_follows_greedy_trie(tiny_model, qwen_tok
     enc = PromptEncoder(qwen_tok, task, max_length=256)
     assert len({enc.label_ids[lab][0] for lab in task.labels}) == 1
     rows = [{"question": q} for q in QUESTIONS]
-    fast = LabelScorer(tiny_model, enc).decode(rows, batch_size=4)
+    fast, _ = Classifier(tiny_model, enc).classify(rows, batch_size=4)
     for row, res in zip(rows, fast):
         assert res["pred"] == brute_force_greedy(tiny_model, enc.prompt_ids(row), enc.label_ids, task.labels)
 
@@ -120,6 +119,6 @@ def test_fast_decode_multiple_choice_respects_each_rows_letters(tiny_model, qwen
             {"question": "Which is a prime?", "choices": ["4", "6", "7"]}]
     task = MultipleChoiceTask.create([{**r, "label": "A"} for r in rows])
     enc = PromptEncoder(qwen_tok, task, max_length=256)
-    fast = LabelScorer(tiny_model, enc).decode(rows, batch_size=2)
+    fast, _ = Classifier(tiny_model, enc).classify(rows, batch_size=2)
     for row, res in zip(rows, fast):
         assert res["pred"] in task.row_labels(row)

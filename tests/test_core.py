@@ -10,8 +10,8 @@ import yaml
 from qwen_ft.config import PRESETS, TrainConfig, preset_for
 from qwen_ft.data.prepare import prepare
 from qwen_ft.encoding import IGNORE, PromptEncoder
+from qwen_ft.engine import Classifier
 from qwen_ft.models import load_model
-from qwen_ft.scoring import LabelScorer
 from qwen_ft.tasks import CategoryTask, MultipleChoiceTask
 from qwen_ft.training import LeftPadCollator, answer_loss
 
@@ -71,25 +71,17 @@ def test_answer_loss_matches_full_logits_loss(tiny_qwen3, qwen_tok):
 
 
 def test_constrained_scoring_valid_and_exact(tiny_qwen3, qwen_tok):
-    """Untrained model: every prediction is a label; cached scoring equals full-sequence scoring."""
+    """Untrained model: every prediction is a label; the exact distribution sums to 1 (tests/test_engine.py
+    checks both modes against full-sequence brute force)."""
     model = load_model(str(tiny_qwen3)).eval()
     task = category_task()
     enc = PromptEncoder(qwen_tok, task, max_length=256)
     rows = [{"question": q} for q in ["Why is the sky blue?", "What is a contract?", "x", "Define entropy " * 5]]
-    scorer = LabelScorer(model, enc)
-    results = scorer.score(rows, batch_size=3)
-    assert all(r["pred"] in task.labels for r in results)
-    assert all(abs(sum(r["probs"].values()) - 1) < 1e-4 for r in results)
-    prompts = [enc.prompt_ids(r) for r in rows]
-    cached = scorer.label_logprobs(prompts)
-    with torch.no_grad():
-        for b, prompt in enumerate(prompts):
-            for j, label in enumerate(task.labels):
-                seq = enc.label_ids[label]
-                ids = torch.tensor([prompt + seq])
-                logp = torch.log_softmax(model(ids).logits[0].float(), -1)
-                ref = sum(logp[len(prompt) - 1 + k, t] for k, t in enumerate(seq))
-                assert abs(float(ref) - float(cached[b, j])) < 1e-3
+    clf = Classifier(model, enc)
+    for decode in ("constrained", "exact"):
+        results, _ = clf.classify(rows, decode=decode, batch_size=3, top_k=len(task.labels))
+        assert all(r["pred"] in task.labels and r["valid"] for r in results)
+    assert all(abs(sum(p for _, p in r["top"]) - 1) < 1e-4 for r in results)
 
 
 def test_multiple_choice_prompt_and_letters(qwen_tok, tiny_qwen3):
@@ -100,8 +92,8 @@ def test_multiple_choice_prompt_and_letters(qwen_tok, tiny_qwen3):
     text = qwen_tok.decode(enc.prompt_ids(rows[0]))
     for letter, choice in zip("ABCDE", rows[0]["choices"]):
         assert f"{letter}. {choice}" in text
-    scorer = LabelScorer(load_model(str(tiny_qwen3)).eval(), enc)
-    assert scorer.score(rows)[0]["pred"] in list("ABCDE")
+    clf = Classifier(load_model(str(tiny_qwen3)).eval(), enc)
+    assert clf.classify(rows, decode="exact")[0][0]["pred"] in list("ABCDE")
 
 
 def test_presets_by_parameter_count():

@@ -10,8 +10,9 @@ from qwen_ft.cli import main
 from qwen_ft.config import DataArgs
 from qwen_ft.data.prepare import prepare
 from qwen_ft.encoding import IGNORE, PromptEncoder
+from qwen_ft.engine import Classifier
 from qwen_ft.errors import UserError
-from qwen_ft.scoring import LabelScorer, match_answer
+from qwen_ft.scoring import Counts, match_answer, option_logprobs
 from qwen_ft.tasks import MultipleChoiceTask, Task
 from tests.conftest import full_logprobs
 
@@ -49,23 +50,22 @@ def test_duplicate_choice_texts_keep_the_first(enc):
 
 
 def test_exact_score_equals_full_sequence_logprobs_of_each_rows_choices(enc, tiny_model):
-    scorer = LabelScorer(tiny_model, enc)
     prompts = [enc.prompt_ids(r) for r in ROWS]
     options = [enc.answer_options(r)[1] for r in ROWS]
-    cached = scorer.label_logprobs(prompts, options)
+    cached = option_logprobs(tiny_model, prompts, options, 0, None, enc.tok.pad_token_id, "cpu", Counts())
     for b, (prompt, seqs) in enumerate(zip(prompts, options)):
         for j, seq in enumerate(seqs):
             logp = full_logprobs(tiny_model, prompt + seq)
             ref = sum(float(logp[len(prompt) - 1 + k, t]) for k, t in enumerate(seq))
             assert abs(ref - float(cached[b, j])) < 1e-3
         assert torch.isinf(cached[b, len(seqs):]).all()  # padding options never win
-    for row, res in zip(ROWS, scorer.score(ROWS, batch_size=3)):
+    for row, res in zip(ROWS, Classifier(tiny_model, enc).classify(ROWS, decode="exact", top_k=5)[0]):
         assert res["pred"] in enc.answer_options(row)[0]
-        assert abs(sum(res["probs"].values()) - 1) < 1e-4
+        assert abs(sum(p for _, p in res["top"]) - 1) < 1e-4
 
 
 def test_fast_decode_is_greedy_over_each_rows_choice_trie(enc, tiny_model):
-    fast = LabelScorer(tiny_model, enc).decode(ROWS, batch_size=3)
+    fast, _ = Classifier(tiny_model, enc).classify(ROWS, batch_size=3)
     for row, res in zip(ROWS, fast):
         labels, seqs = enc.answer_options(row)
         prompt, cands, done = enc.prompt_ids(row), list(range(len(seqs))), []
