@@ -1,58 +1,83 @@
-"""notebooks/analysis.ipynb: re-draws the study's plots from results.csv and the metrics.jsonl files.
+"""notebooks/analysis.ipynb: re-draws the study's plots from the files of the study folder.
 
 The notebook holds code only (no outputs, no numbers), so regenerating it is a no-op unless this file
-changes; it uses the plotting functions of qwen_ft.study.report, so its plots are the report's plots.
+changes; it calls qwen_ft.study.report's load/analyse/plot functions, so its plots are the report's.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from qwen_ft.runs import atomic_write_text
 
-CELLS = [
-    ("markdown", "# Optimizer study: analysis\n\nRe-draws the study's plots from `results/results.csv` and "
-                 "each run's `metrics.jsonl`. Run it from this folder (`<study>/notebooks/`) after "
-                 "`qwen-ft study --config ...`; set `STUDY` below to analyse another study folder."),
-    ("code", "from pathlib import Path\n\nimport pandas as pd\n\n"
-             "from qwen_ft.study.report import (plot_accuracy, plot_loss_curves, plot_resources, read_curves,\n"
-             "                                  read_results)\n\n"
-             "STUDY = Path('..')  # the study's output_dir\n"
-             "rows = read_results(STUDY / 'results' / 'results.csv')\n"
-             "curves = read_curves(STUDY, rows)\n"
-             "pd.DataFrame(rows).set_index('optimizer')"),
-    ("markdown", "## Loss curves\nTraining loss per logging step (faint) and its moving mean; validation loss "
-                 "per epoch."),
-    ("code", "fig = plot_loss_curves(curves)"),
-    ("markdown", "## Accuracy\n95% Wilson confidence intervals; the dashed line is chance."),
-    ("code", "fig = plot_accuracy(rows)"),
-    ("markdown", "## Memory and speed"),
-    ("code", "fig = plot_resources(rows)"),
-    ("markdown", "## Paired comparison\nExact McNemar tests on the same questions."),
-    ("code", "pd.read_csv(STUDY / 'results' / 'pairwise.csv')"),
-    ("markdown", "## Per-epoch history"),
-    ("code", "pd.DataFrame([dict(optimizer=o, **r) for o, recs in curves.items() for r in recs\n"
-             "              if r['type'] == 'epoch'])"),
-]
+
+def cells(study: str) -> list[tuple[str, str]]:
+    return [
+        (
+            "markdown",
+            "# Optimizer study: analysis\n\nRe-draws the report's plots from the study folder "
+            "(`study.json`, `trials/`, `finals/`, `baselines/`). Run it from `<study>/notebooks/`, or set "
+            "`STUDY` below to another study folder.",
+        ),
+        (
+            "code",
+            "from pathlib import Path\n\nimport pandas as pd\n\n"
+            "from qwen_ft.study import report\n\n"
+            f"STUDY = Path({study!r})  # the study's output folder\n"
+            "data = report.load_study(STUDY)\n"
+            "analysis = report.analyse(data)  # seeded: the same numbers as results/*.csv\n"
+            "pd.DataFrame(analysis['summary']).set_index('optimizer')",
+        ),
+        (
+            "markdown",
+            "## Learning-rate sensitivity\nEvery tuning trial's score on the tuning split; the star is "
+            "the trial re-run as the finals.",
+        ),
+        ("code", "fig = report.plot_lr_sensitivity(data)"),
+        (
+            "markdown",
+            "## Accuracy per seed\nDots: seeds; diamond and bar: mean and 95 % bootstrap CI; lines: "
+            "chance and the untrained baselines.",
+        ),
+        ("code", "fig = report.plot_accuracy_per_seed(data, analysis)"),
+        ("markdown", "## Learning curves\nMean over seeds, band min..max; red: the target."),
+        ("code", "fig = report.plot_curves(data, analysis['target'])"),
+        ("markdown", "## Time to target"),
+        ("code", "fig = report.plot_time_to_target(data, analysis)"),
+        ("markdown", "## Optimizer state and step time"),
+        ("code", "fig = report.plot_resources(data, analysis)"),
+        ("markdown", "## Pairwise verdicts"),
+        (
+            "code",
+            "for p in analysis['pairwise']:\n    print(p['verdict'])\npd.DataFrame(analysis['pairwise'])",
+        ),
+        ("markdown", "## Every trial"),
+        ("code", "pd.DataFrame(report.trial_rows(data))"),
+    ]
 
 
-def build_notebook():
+def build_notebook(study: str = ".."):
     import nbformat
 
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_markdown_cell(src) if kind == "markdown" else nbformat.v4.new_code_cell(src)
-                for kind, src in CELLS]
+    nb.cells = [
+        nbformat.v4.new_markdown_cell(src) if kind == "markdown" else nbformat.v4.new_code_cell(src)
+        for kind, src in cells(study)
+    ]
     for i, cell in enumerate(nb.cells):
         cell["id"] = f"cell-{i}"  # stable ids: regenerating gives the same file
     return nb
 
 
-def write_notebook(path: str | Path) -> Path:
+def write_notebook(path: str | Path, study_dir: str | Path | None = None) -> Path:
+    """Write the notebook; STUDY is study_dir relative to the notebook's folder ('..' in the usual layout)."""
     import nbformat
 
     path = Path(path)
-    nb = build_notebook()
+    study = ".." if study_dir is None else os.path.relpath(Path(study_dir).resolve(), path.parent.resolve())
+    nb = build_notebook(Path(study).as_posix())
     nbformat.validate(nb)
     atomic_write_text(path, nbformat.writes(nb) + "\n")
     return path

@@ -1,86 +1,267 @@
-"""The analysis phase: results.csv (one row per optimizer), PNG plots, report.md and the notebook.
+"""The study's report: CSV tables, PNG plots and results/report.md, read from the study folder only.
 
-Everything is read from files the earlier phases wrote (eval.json, metrics.jsonl, phase.json markers);
-nothing is scraped from logs. The notebook calls the same plotting functions on the same files.
+Reads study.json, data/summary.json, baselines/*/eval.json, trials/<opt>/trial-<k>/trial.json and
+finals/<opt>/seed-<s>/{result.json, eval/predictions.jsonl, metrics.jsonl}; nothing is scraped from
+logs. The numbers come from qwen_ft.study.stats; this module only gathers and formats them. The
+notebook (notebook.py) calls the same load/analyse/plot functions, so its plots are the report's.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import logging
+import math
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+import numpy as np
 
-from qwen_ft.runs import atomic_write_text, read_jsonl
+from qwen_ft.runs import atomic_write_text, read_jsonl_tolerant
+from qwen_ft.study import stats
 
 log = logging.getLogger(__name__)
 
-COLUMNS = [
-    "optimizer", "learning_rate", "accuracy", "ci_low", "ci_high", "n_eval", "chance", "final_train_loss",
-    "best_val_loss", "epochs_run", "train_time_s", "train_samples_per_s", "train_peak_mem_mb",
-    "eval_samples_per_s", "eval_tokens_per_s", "eval_peak_mem_mb", "memory_kind", "free_accuracy",
-    "free_valid_pct", "run_dir", "model_dir",
-]
-PLOTS = {"loss_curves.png": "Loss curves", "accuracy.png": "Accuracy with 95% CI",
-         "resources.png": "Memory and speed"}
+N_BOOT = 10_000
+CLOSED_RATIO = 1.5  # AdaBound's bounds count as closed when upper/lower at the last step is below this
+PLOTS = {
+    "lr_sensitivity.png": "Learning-rate sensitivity (tuning trials)",
+    "accuracy_per_seed.png": "Validation accuracy per seed",
+    "curves.png": "Validation-subsample accuracy during training",
+    "time_to_target.png": "Time to target",
+    "resources.png": "Optimizer state and step time",
+}
+BASELINE_NAMES = {
+    "untrained": "untrained, our prompt",
+    "untrained_loglik_token": "untrained, log-likelihood / token",
+    "untrained_loglik_char": "untrained, log-likelihood / character",
+}
 
 
 # ----------------------------------------------------------------------------- reading
 
-def _marker(folder: Path) -> dict:
-    path = folder / "phase.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+
+@dataclass
+class Final:
+    optimizer: str
+    seed: int
+    result: dict
+    ids: list | None = None  # validation question ids, in file order
+    correct: np.ndarray | None = None  # 0/1 per question
+    curve: list[dict] = field(default_factory=list)  # {"step", "seconds", "accuracy", "n"}
+    steps: list[dict] = field(default_factory=list)  # {"step", "epoch", "loss", "grad_norm", "lr"}
 
 
-def collect_row(study, opt: str) -> dict:
-    run, out = study.run_dir(opt), study.cfg.out
-    ev = json.loads((study.eval_dir(opt) / "eval.json").read_text())
-    records = read_jsonl(run / "metrics.jsonl")
-    epochs = [r for r in records if r["type"] == "epoch"]
-    final = next((r for r in reversed(records) if r["type"] == "final"), {})
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    free = ev.get("free") or {}
-    return {
-        "optimizer": opt, "learning_rate": cfg["optim"]["learning_rate"],
-        "accuracy": round(ev["accuracy"], 4), "ci_low": round(ev["accuracy_ci95"][0], 4),
-        "ci_high": round(ev["accuracy_ci95"][1], 4), "n_eval": ev["n"], "chance": round(ev["chance"], 4),
-        "final_train_loss": round(epochs[-1]["train_loss"], 4) if epochs else None,
-        "best_val_loss": round(final["best_val_loss"], 4) if final.get("best_val_loss") is not None else None,
-        "epochs_run": final.get("epochs_run"), "train_time_s": final.get("train_time_s"),
-        "train_samples_per_s": final.get("train_samples_per_s"),
-        "train_peak_mem_mb": _marker(run).get("peak_mem_mb"),
-        "eval_samples_per_s": ev["samples_per_s"], "eval_tokens_per_s": ev["prompt_tokens_per_s"],
-        "eval_peak_mem_mb": ev.get("peak_mem_mb"), "memory_kind": ev.get("memory_kind"),
-        "free_accuracy": round(free["accuracy"], 4) if free else None,
-        "free_valid_pct": round(free["valid_pct"], 1) if free else None,
-        "run_dir": str(run.relative_to(out)), "model_dir": str(study.model_dir(opt).relative_to(out)),
-    }
+@dataclass
+class StudyData:
+    root: Path
+    spec: dict  # study.json
+    data: dict  # data/summary.json
+    baselines: dict[str, dict]
+    trials: dict[str, list[dict]]
+    finals: dict[str, list[Final]]
+
+    @property
+    def optimizers(self) -> list[str]:
+        declared = list(self.spec.get("optimizers", {}))
+        found = [o for o in sorted({*self.trials, *self.finals}) if o not in declared]
+        return [o for o in declared + found if o in self.trials or o in self.finals]
 
 
-def read_results(path: str | Path) -> list[dict]:
-    """results.csv rows with numbers as numbers (empty cells as None)."""
-    def num(v: str):
-        if v == "":
-            return None
-        try:
-            return float(v) if any(c in v for c in ".eE") or not v.lstrip("-").isdigit() else int(v)
-        except ValueError:
-            return v
-
-    with open(path, newline="") as f:
-        return [{k: (num(v) if k not in ("optimizer", "memory_kind", "run_dir", "model_dir") else v)
-                 for k, v in row.items()} for row in csv.DictReader(f)]
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
-def read_curves(study_dir: str | Path, rows: list[dict]) -> dict[str, list[dict]]:
-    """optimizer -> its metrics.jsonl records (step and epoch lines)."""
-    return {r["optimizer"]: read_jsonl(Path(study_dir) / r["run_dir"] / "metrics.jsonl") for r in rows}
+def _numbered(folder: Path, prefix: str) -> list[tuple[int, Path]]:
+    out = []
+    for p in folder.glob(f"{prefix}-*") if folder.is_dir() else []:
+        m = re.fullmatch(rf"{prefix}-(-?\d+)", p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """(step records, curve records) of a metrics.jsonl; unknown types and a torn last line are skipped."""
+    records = read_jsonl_tolerant(path)
+    return (
+        [r for r in records if r.get("type") == "step"],
+        sorted((r for r in records if r.get("type") == "curve"), key=lambda r: r["step"]),
+    )
+
+
+def load_study(study_dir: str | Path) -> StudyData:
+    root = Path(study_dir)
+    trials, finals = {}, {}
+    for opt_dir in sorted(p for p in (root / "trials").glob("*") if p.is_dir()):
+        trials[opt_dir.name] = [
+            _json(p / "trial.json") for _, p in _numbered(opt_dir, "trial") if (p / "trial.json").is_file()
+        ]
+    for opt_dir in sorted(p for p in (root / "finals").glob("*") if p.is_dir()):
+        runs = []
+        for seed, p in _numbered(opt_dir, "seed"):
+            if not (p / "result.json").is_file():
+                continue
+            f = Final(opt_dir.name, seed, _json(p / "result.json"))
+            preds = p / "eval" / "predictions.jsonl"
+            if preds.is_file():
+                rows = read_jsonl_tolerant(preds)
+                f.ids = [r["id"] for r in rows]
+                f.correct = np.array([bool(r["correct"]) for r in rows], dtype=float)
+            f.steps, f.curve = read_metrics(p / "metrics.jsonl")
+            runs.append(f)
+        if runs:
+            finals[opt_dir.name] = runs
+    baselines = {p.parent.name: _json(p) for p in sorted((root / "baselines").glob("*/eval.json"))}
+    summary = root / "data" / "summary.json"
+    return StudyData(
+        root,
+        _json(root / "study.json"),
+        _json(summary) if summary.is_file() else {},
+        baselines,
+        trials,
+        finals,
+    )
+
+
+def correct_matrix(runs: list[Final], ids: list | None = None) -> np.ndarray | None:
+    """[seeds x questions] 0/1 matrix of one optimizer's finals, checked to score the same questions."""
+    if not runs or any(f.correct is None for f in runs):
+        return None
+    ids = runs[0].ids if ids is None else ids
+    for f in runs:
+        if f.ids != ids:
+            raise ValueError(
+                f"finals/{f.optimizer}/seed-{f.seed}: predictions.jsonl holds other question ids "
+                "or another order than the other finals; every final must score the same rows"
+            )
+    return np.stack([f.correct for f in runs])
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def _median(values: list[float | None]) -> float | None:
+    """Median with never-reached (None) counted as infinitely late; None if the median is not reached."""
+    if not values:
+        return None
+    med = float(np.median([math.inf if v is None else v for v in values]))
+    return None if math.isinf(med) else med
+
+
+def analyse(data: StudyData, n_boot: int = N_BOOT) -> dict:
+    """The numbers behind every table and plot: results (one per final), summary (one per optimizer),
+    pairwise (one per pair of optimizers)."""
+    p = data.spec.get("protocol", {})
+    target, margin, seed = p.get("target"), p.get("equivalence_margin", 0.02), data.spec.get("seed", 0)
+    opts = [o for o in data.optimizers if o in data.finals]
+    first = data.finals[opts[0]][0].ids if opts else None
+    matrices = {o: correct_matrix(data.finals[o], first) for o in opts}
+    results, summary = [], []
+    for o in opts:
+        ttts = []
+        for f in data.finals[o]:
+            r = f.result
+            ttt = (
+                stats.time_to_target(f.curve, target)
+                if target is not None
+                else {"step": None, "seconds": None}
+            )
+            ttts.append(ttt)
+            bounds = r.get("adabound_bounds") or {}
+            results.append(
+                {
+                    "optimizer": o,
+                    "seed": f.seed,
+                    "accuracy": r.get("accuracy"),
+                    "n": r.get("n"),
+                    "steps": r.get("steps"),
+                    "best_step": r.get("best_step"),
+                    "train_seconds": r.get("train_seconds"),
+                    "step_time_s": r.get("step_time_s"),
+                    "optimizer_state_bytes": r.get("optimizer_state_bytes"),
+                    "eval_seconds": r.get("eval_seconds"),
+                    "samples_per_s": r.get("samples_per_s"),
+                    "ttt_step": ttt["step"],
+                    "ttt_seconds": ttt["seconds"],
+                    "adabound_lower": bounds.get("lower"),
+                    "adabound_upper": bounds.get("upper"),
+                    "adabound_ratio": bounds.get("ratio"),
+                    **(r.get("params") or {}),
+                }
+            )
+        accs = [f.result["accuracy"] for f in data.finals[o]]
+        m = matrices[o]
+        _, lo, hi = stats.bootstrap_ci(m, n_boot, seed) if m is not None else (None, None, None)
+        best = best_trial(data.trials.get(o, []))
+        row = {
+            "optimizer": o,
+            "n_seeds": len(accs),
+            "mean": float(np.mean(accs)),
+            "sd": float(np.std(accs, ddof=1)) if len(accs) > 1 else None,
+            "ci_low": lo,
+            "ci_high": hi,
+            **{f"acc_seed_{f.seed}": f.result["accuracy"] for f in data.finals[o]},
+            "ttt_step_median": _median([t["step"] for t in ttts]),
+            "ttt_seconds_median": _median([t["seconds"] for t in ttts]),
+            "reached": f"{sum(t['step'] is not None for t in ttts)}/{len(ttts)}",
+            "step_time_s": _mean(f.result.get("step_time_s") for f in data.finals[o]),
+            "optimizer_state_bytes": _mean(f.result.get("optimizer_state_bytes") for f in data.finals[o]),
+            "trials": len(data.trials.get(o, [])),
+            "best_trial": best["k"] if best else None,
+            "best_trial_score": best["score"] if best else None,
+            "params": _params(data.finals[o][0].result.get("params") or {}),
+        }
+        summary.append(row)
+    pairs = [
+        (a, b)
+        for a, b in itertools.combinations(opts, 2)
+        if matrices[a] is not None and matrices[b] is not None
+    ]
+    tests = [stats.paired_difference(matrices[a], matrices[b], n_boot, seed, margin) for a, b in pairs]
+    adj, adj_tost = stats.holm([t["p"] for t in tests]), stats.holm([t["tost_p"] for t in tests])
+    pairwise = [
+        {
+            "a": a,
+            "b": b,
+            "diff_points": 100 * t["diff"],
+            "ci_low_points": 100 * t["ci_low"],
+            "ci_high_points": 100 * t["ci_high"],
+            "p": t["p"],
+            "p_holm": pa,
+            "tost_p": t["tost_p"],
+            "tost_p_holm": ta,
+            "margin_points": 100 * margin,
+            "mcnemar_p": t["mcnemar_p"],
+            "a_right_b_wrong": t["a_right_b_wrong"],
+            "b_right_a_wrong": t["b_right_a_wrong"],
+            "n_questions": t["n_questions"],
+            "verdict": stats.verdict(a, b, t, pa, margin, adjusted_tost_p=ta),
+        }
+        for (a, b), t, pa, ta in zip(pairs, tests, adj, adj_tost)
+    ]
+    return {"results": results, "summary": summary, "pairwise": pairwise, "target": target, "margin": margin}
+
+
+def best_trial(trials: list[dict]) -> dict | None:
+    done = [t for t in trials if t.get("state", "complete") == "complete" and t.get("score") is not None]
+    return max(done, key=lambda t: t["score"]) if done else None
+
+
+def _mean(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _params(params: dict) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 # ----------------------------------------------------------------------------- plots
+
 
 def _plt():
     import sys
@@ -94,214 +275,611 @@ def _plt():
     return plt
 
 
-def _smooth(values: list[float], window: int) -> list[float]:
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
+def _colors(data: StudyData) -> dict[str, str]:
+    return {o: f"C{i}" for i, o in enumerate(data.optimizers)}
 
 
-def plot_loss_curves(curves: dict[str, list[dict]]):
+def plot_lr_sensitivity(data: StudyData):
     plt = _plt()
-    fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, (opt, records) in enumerate(curves.items()):
-        color = f"C{i}"
-        steps = [r for r in records if r["type"] == "step"]
-        x, y = [r["epoch"] for r in steps], [r["loss"] for r in steps]
-        ax_t.plot(x, y, color=color, alpha=0.25, linewidth=0.8)
-        ax_t.plot(x, _smooth(y, max(1, len(y) // 20)), color=color, label=opt, linewidth=1.8)
-        at_step = {r["step"]: r["epoch"] for r in steps}  # an evaluation at an interruption falls mid-epoch
-        epochs = [r for r in records if r["type"] == "epoch"]
-        ax_v.plot([at_step.get(r["step"], r["epoch"]) for r in epochs], [r["val_loss"] for r in epochs], "o-",
-                  color=color, label=opt)
-    ax_t.set(title="Training loss (answer tokens; faint: per step, bold: moving mean)", xlabel="epoch",
-             ylabel="loss")
-    ax_v.set(title="Validation loss per epoch", xlabel="epoch", ylabel="loss")
-    for ax in (ax_t, ax_v):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    return fig
-
-
-def plot_accuracy(rows: list[dict]):
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows) + 2), 4))
-    names = [r["optimizer"] for r in rows]
-    acc = [100 * r["accuracy"] for r in rows]
-    err = [[100 * (r["accuracy"] - r["ci_low"]) for r in rows], [100 * (r["ci_high"] - r["accuracy"]) for r in rows]]
-    bars = ax.bar(names, acc, yerr=err, capsize=6, color=[f"C{i}" for i in range(len(rows))], alpha=0.85)
-    for bar, value in zip(bars, acc):
-        ax.text(bar.get_x() + bar.get_width() / 2, 1, f"{value:.1f}%", ha="center", va="bottom", color="white",
-                fontweight="bold")
-    chance = rows[0].get("chance") if rows else None
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colors = _colors(data)
+    for o in data.optimizers:
+        done = sorted(
+            (
+                t
+                for t in data.trials.get(o, [])
+                if t.get("state", "complete") == "complete"
+                and t.get("score") is not None
+                and "learning_rate" in t.get("params", {})
+            ),
+            key=lambda t: t["params"]["learning_rate"],
+        )
+        if not done:
+            continue
+        x, y = [t["params"]["learning_rate"] for t in done], [100 * t["score"] for t in done]
+        ax.plot(x, y, "o-", color=colors[o], label=f"{o} ({len(done)} trials)", alpha=0.85)
+        best = best_trial(done)
+        ax.plot(
+            best["params"]["learning_rate"],
+            100 * best["score"],
+            "*",
+            color=colors[o],
+            markersize=16,
+            markeredgecolor="black",
+        )
+    chance = data.data.get("chance")
     if chance:
-        ax.axhline(100 * chance, color="gray", linestyle="--", label=f"chance ({100 * chance:.0f}%)")
-        ax.legend(loc="upper right")
-    n = rows[0]["n_eval"] if rows else 0
-    ax.set(title=f"Accuracy with 95% Wilson CI (n={n})", ylabel="accuracy (%)", ylim=(0, 100))
+        ax.axhline(100 * chance, color="gray", linestyle=":", label=f"chance ({100 * chance:.0f} %)")
+    ax.set_xscale("log")
+    ax.set(
+        xlabel="learning rate",
+        ylabel="tuning-split accuracy (%)",
+        title="Trial score vs learning rate (star: best trial, re-run as the finals)",
+    )
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _baseline_lines(ax, data: StudyData) -> None:
+    chance = data.data.get("chance")
+    if chance is not None:
+        ax.axhline(100 * chance, color="gray", linestyle=":", label=f"chance ({100 * chance:.1f} %)")
+    for (name, ev), style in zip(data.baselines.items(), ["--", "-.", (0, (5, 1, 1, 1)), (0, (1, 1))]):
+        ax.axhline(
+            100 * ev["accuracy"],
+            color="black",
+            linestyle=style,
+            linewidth=1,
+            label=f"{BASELINE_NAMES.get(name, name)} ({100 * ev['accuracy']:.1f} %)",
+        )
+
+
+def plot_accuracy_per_seed(data: StudyData, analysis: dict):
+    plt = _plt()
+    rows = analysis["summary"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(rows) + 3), 4.5))
+    colors = _colors(data)
+    for i, r in enumerate(rows):
+        accs = [100 * f.result["accuracy"] for f in data.finals[r["optimizer"]]]
+        offsets = np.linspace(-0.12, 0.12, len(accs)) if len(accs) > 1 else [0.0]
+        ax.scatter(
+            i + np.asarray(offsets) - 0.15,
+            accs,
+            color=colors[r["optimizer"]],
+            zorder=3,
+            s=28,
+            label="seeds" if i == 0 else None,
+        )
+        if r["ci_low"] is not None:
+            ax.errorbar(
+                i + 0.15,
+                100 * r["mean"],
+                fmt="none",
+                capsize=6,
+                ecolor="black",
+                yerr=[[100 * (r["mean"] - r["ci_low"])], [100 * (r["ci_high"] - r["mean"])]],
+                label="95 % bootstrap CI" if i == 0 else None,
+            )
+        ax.plot(
+            i + 0.15,
+            100 * r["mean"],
+            "D",
+            color=colors[r["optimizer"]],
+            markeredgecolor="black",
+            markersize=8,
+            label="mean" if i == 0 else None,
+            zorder=4,
+        )
+        ax.annotate(f"{100 * r['mean']:.1f}", (i + 0.22, 100 * r["mean"]), fontsize=8, va="center")
+    _baseline_lines(ax, data)
+    ax.set_xticks(range(len(rows)), [r["optimizer"] for r in rows])
+    n = analysis["results"][0]["n"] if analysis["results"] else ""
+    ax.set(ylabel="validation accuracy (%)", title=f"Accuracy per seed, mean and 95 % CI (n = {n} questions)")
     ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     return fig
 
 
-def plot_resources(rows: list[dict]):
+def _band(runs: list[Final], key: str, source: str):
+    """steps, mean, min, max of `key` over the seeds at each step any seed recorded."""
+    by_step: dict[int, list[float]] = {}
+    for f in runs:
+        for r in getattr(f, source):
+            if r.get(key) is not None:
+                by_step.setdefault(r["step"], []).append(r[key])
+    steps = sorted(by_step)
+    vals = [by_step[s] for s in steps]
+    return steps, [np.mean(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
+
+
+def _smooth(values: list[float], window: int) -> np.ndarray:
+    """Trailing moving mean (per-step losses are noisy; the curve points are not smoothed)."""
+    v = np.asarray(values, dtype=float)
+    if window <= 1 or len(v) == 0:
+        return v
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    idx = np.arange(1, len(v) + 1)
+    return (c[idx] - c[np.maximum(idx - window, 0)]) / np.minimum(idx, window)
+
+
+def plot_curves(data: StudyData, target: float | None = None):
     plt = _plt()
-    panels = [("train_peak_mem_mb", "Training peak memory (MB)"), ("train_samples_per_s", "Training samples/s"),
-              ("eval_samples_per_s", "Inference samples/s"), ("train_time_s", "Training time (s)")]
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.6))
+    target = data.spec.get("protocol", {}).get("target") if target is None else target
+    fig, (ax, ax_l) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = _colors(data)
+    for o in [o for o in data.optimizers if o in data.finals]:
+        runs = data.finals[o]
+        for axis, key, source, scale in ((ax, "accuracy", "curve", 100), (ax_l, "loss", "steps", 1)):
+            steps, mean, lo, hi = _band(runs, key, source)
+            if source == "steps":
+                mean, lo, hi = (_smooth(x, max(1, len(steps) // 25)) for x in (mean, lo, hi))
+            if steps:
+                axis.plot(
+                    steps, np.multiply(mean, scale), color=colors[o], label=f"{o} (mean of {len(runs)})"
+                )
+                axis.fill_between(
+                    steps,
+                    np.multiply(lo, scale),
+                    np.multiply(hi, scale),
+                    color=colors[o],
+                    alpha=0.2,
+                    linewidth=0,
+                )
+    if target is not None:
+        ax.axhline(
+            100 * target, color="red", linestyle="--", linewidth=1, label=f"target ({100 * target:g} %)"
+        )
+    rows = data.spec.get("protocol", {}).get("curve_rows")
+    ax.set(
+        xlabel="step",
+        ylabel="accuracy (%)",
+        title="Validation-subsample accuracy"
+        + (f" ({rows} questions)" if rows else "")
+        + "; band: min..max over seeds",
+    )
+    ax_l.set(xlabel="step", ylabel="loss", title="Training loss (moving mean); band: min..max over seeds")
+    for axis in (ax, ax_l):
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_time_to_target(data: StudyData, analysis: dict):
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors = _colors(data)
+    rows = analysis["summary"]
     names = [r["optimizer"] for r in rows]
-    for ax, (key, title) in zip(axes, panels):
-        values = [r.get(key) or 0 for r in rows]
-        bars = ax.bar(names, values, color=[f"C{i}" for i in range(len(rows))], alpha=0.85)
-        for bar, v in zip(bars, values):
-            ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.4g}", ha="center", va="bottom", fontsize=8)
-        ax.set_title(title, fontsize=10)
+    for ax, key, budget, label in zip(
+        axes, ("step", "seconds"), ("steps", "train_seconds"), ("steps", "training seconds")
+    ):
+        for i, r in enumerate(rows):
+            med = r[f"ttt_{key}_median"]
+            if med is None:  # the hatched bar spans the run's whole budget: not reached within it
+                top = max(
+                    [x[budget] or 0 for x in analysis["results"] if x["optimizer"] == r["optimizer"]] + [1]
+                )
+                ax.bar(i, top, color="none", edgecolor=colors[r["optimizer"]], hatch="//", alpha=0.5)
+                ax.text(
+                    i, top / 2, f"not reached in {top:.4g}", ha="center", va="center", rotation=90, fontsize=9
+                )
+            else:
+                ax.bar(i, med, color=colors[r["optimizer"]], alpha=0.8)
+                ax.text(i, med, f"{med:.4g}", ha="center", va="bottom", fontsize=8)
+            seeds = [x[f"ttt_{key}"] for x in analysis["results"] if x["optimizer"] == r["optimizer"]]
+            ax.scatter(
+                [i] * sum(s is not None for s in seeds),
+                [s for s in seeds if s is not None],
+                color="black",
+                s=14,
+                zorder=3,
+            )
+            ax.text(
+                i,
+                0,
+                f"reached {r['reached']}",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                color="white" if med else "black",
+            )
+        ax.set_xticks(range(len(names)), names)
+        ax.set(ylabel=label, title=f"{label.capitalize()} to target")
         ax.grid(axis="y", alpha=0.3)
-        ax.tick_params(axis="x", rotation=20)
-    kind = rows[0].get("memory_kind") if rows else ""
-    fig.suptitle(f"Resources (memory: {kind})", fontsize=10)
+    target = analysis.get("target")
+    fig.suptitle(
+        f"First curve point at or above the target accuracy ({100 * target:g} %); bar: median over "
+        "seeds (a seed that never reaches it counts as infinitely late), dots: seeds"
+        if target is not None
+        else "No target declared",
+        fontsize=9,
+    )
     fig.tight_layout()
     return fig
 
 
-def save_plots(rows: list[dict], curves: dict, out_dir: Path) -> list[str]:
+def plot_resources(data: StudyData, analysis: dict):
     plt = _plt()
-    figs = {"loss_curves.png": plot_loss_curves(curves), "accuracy.png": plot_accuracy(rows),
-            "resources.png": plot_resources(rows)}
-    for name, fig in figs.items():
+    fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = _colors(data)
+    rows = analysis["summary"]
+    names = [r["optimizer"] for r in rows]
+    for ax, key, scale, label in (
+        (ax_m, "optimizer_state_bytes", 2**-20, "optimizer state (MiB)"),
+        (ax_t, "step_time_s", 1000, "time per training step (ms)"),
+    ):
+        for i, r in enumerate(rows):
+            v = (r[key] or 0) * scale
+            ax.bar(i, v, color=colors[r["optimizer"]], alpha=0.8)
+            ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+            seeds = [
+                x[key] * scale
+                for x in analysis["results"]
+                if x["optimizer"] == r["optimizer"] and x[key] is not None
+            ]
+            ax.scatter([i] * len(seeds), seeds, color="black", s=14, zorder=3)
+        ax.set_xticks(range(len(names)), names)
+        ax.set(ylabel=label, title=label[0].upper() + label[1:])
+        ax.grid(axis="y", alpha=0.3)
+    ax_m.set_title("Optimizer state (bytes of the state tensors, MiB)")
+    fig.tight_layout()
+    return fig
+
+
+def save_plots(data: StudyData, analysis: dict, out_dir: Path) -> list[str]:
+    plt = _plt()
+    makers = {
+        "lr_sensitivity.png": lambda: plot_lr_sensitivity(data),
+        "accuracy_per_seed.png": lambda: plot_accuracy_per_seed(data, analysis),
+        "curves.png": lambda: plot_curves(data, analysis["target"]),
+        "time_to_target.png": lambda: plot_time_to_target(data, analysis),
+        "resources.png": lambda: plot_resources(data, analysis),
+    }
+    for name, make in makers.items():
+        fig = make()
         fig.savefig(out_dir / name, dpi=110)
         plt.close(fig)
-    return list(figs)
-
-
-# ----------------------------------------------------------------------------- paired comparison
-
-def pairwise(study, opts: list[str]) -> list[dict]:
-    """Exact McNemar tests on the paired predictions (same rows for every optimizer)."""
-    from scipy.stats import binomtest
-
-    correct = {o: {p["id"]: p["correct"] for p in read_jsonl(study.eval_dir(o) / "predictions.jsonl")}
-               for o in opts}
-    out = []
-    for a, b in itertools.combinations(opts, 2):
-        ids = correct[a].keys() & correct[b].keys()
-        only_a = sum(correct[a][i] and not correct[b][i] for i in ids)
-        only_b = sum(correct[b][i] and not correct[a][i] for i in ids)
-        p = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
-        out.append({"a": a, "b": b, "a_right_b_wrong": only_a, "b_right_a_wrong": only_b,
-                    "accuracy_diff": round((only_a - only_b) / len(ids), 4) if ids else 0.0,
-                    "mcnemar_p": round(float(p), 4)})
-    return out
+    return list(makers)
 
 
 # ----------------------------------------------------------------------------- writing
 
-def write_csv(rows: list[dict], path: Path, columns: list[str]) -> None:
-    import io
 
+def _cell(v):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "" if math.isnan(v) else round(v, 6)
+    return v
+
+
+def write_csv(rows: list[dict], path: Path, columns: list[str] | None = None) -> None:
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r[k]) for k in columns})
+        w.writerow({k: _cell(r.get(k)) for k in columns})
     atomic_write_text(path, buf.getvalue())
 
 
-def write_report(study, opts: list[str]) -> dict:
+def trial_rows(data: StudyData) -> list[dict]:
+    return [
+        {
+            "optimizer": o,
+            "k": t.get("k"),
+            "state": t.get("state"),
+            "score": t.get("score"),
+            "tune_loss": t.get("tune_loss"),
+            "best_step": t.get("best_step"),
+            "steps": t.get("steps"),
+            "train_seconds": t.get("train_seconds"),
+            **(t.get("params") or {}),
+        }
+        for o in data.optimizers
+        for t in data.trials.get(o, [])
+    ]
+
+
+def write_report(study_dir: str | Path, n_boot: int = N_BOOT) -> dict:
+    """results/{trials,results,summary,pairwise}.csv, the plots, report.md and notebooks/analysis.ipynb."""
     from qwen_ft.study.notebook import write_notebook
 
-    res = study.results_dir
+    root = Path(study_dir)
+    data = load_study(root)
+    analysis = analyse(data, n_boot)
+    res = root / "results"
     res.mkdir(parents=True, exist_ok=True)
-    rows = [collect_row(study, o) for o in opts]
-    write_csv(rows, res / "results.csv", COLUMNS)
-    pairs = pairwise(study, opts)
-    write_csv(pairs, res / "pairwise.csv", ["a", "b", "a_right_b_wrong", "b_right_a_wrong", "accuracy_diff",
-                                            "mcnemar_p"])
-    rows = read_results(res / "results.csv")  # the plots use exactly what the CSV holds
-    save_plots(rows, read_curves(study.cfg.out, rows), res)
-    atomic_write_text(res / "report.md", render_markdown(study, rows, pairs))
-    write_notebook(study.cfg.out / "notebooks" / "analysis.ipynb")
-    log.info("wrote %s, %s and %s", res / "results.csv", res / "report.md", study.cfg.out / "notebooks")
-    return {"optimizers": opts}
+    write_csv(trial_rows(data), res / "trials.csv", None if data.trials else ["optimizer", "k", "score"])
+    write_csv(
+        analysis["results"], res / "results.csv", None if analysis["results"] else ["optimizer", "seed"]
+    )
+    write_csv(analysis["summary"], res / "summary.csv", None if analysis["summary"] else ["optimizer"])
+    write_csv(
+        analysis["pairwise"], res / "pairwise.csv", None if analysis["pairwise"] else ["a", "b", "verdict"]
+    )
+    plots = save_plots(data, analysis, res)
+    atomic_write_text(res / "report.md", render_markdown(data, analysis))
+    nb = write_notebook(root / "notebooks" / "analysis.ipynb", root)
+    log.info("wrote %s (report.md, CSVs, %d plots) and %s", res, len(plots), nb)
+    return {
+        "optimizers": [r["optimizer"] for r in analysis["summary"]],
+        "results_dir": str(res),
+        "files": ["trials.csv", "results.csv", "summary.csv", "pairwise.csv", "report.md", *plots],
+        "summary": analysis["summary"],
+        "pairwise": analysis["pairwise"],
+    }
 
 
-def _fmt(v, spec: str = ".4f") -> str:
-    return "-" if v is None or v == "" else format(v, spec)
+def _pct(v, digits: int = 1) -> str:
+    return "-" if v is None else f"{100 * v:.{digits}f}"
 
 
-def _decoding(cfg) -> str:
-    how = ("constrained decoding (greedy over the valid answers' tokens)" if cfg.eval.decode == "constrained"
-           else "exact scoring (the most probable valid answer)")
-    if cfg.data.answer_format == "text":
-        return how + "; the model writes the text of a choice, mapped back to its letter"
-    return how + "; the model writes the letter"
+def _num(v, spec: str = ".3g") -> str:
+    return "-" if v is None else format(v, spec)
 
 
-def render_markdown(study, rows: list[dict], pairs: list[dict]) -> str:
-    cfg = study.cfg
-    summary = json.loads((study.data_dir / "summary.json").read_text())
-    info = json.loads((study.run_dir(rows[0]["optimizer"]) / "run.json").read_text()) if rows else {}
-    run_cfg = yaml.safe_load((study.run_dir(rows[0]["optimizer"]) / "config.yaml").read_text()) if rows else {}
-    sizes = summary["sizes"]
+def _reached(v, spec: str) -> str:
+    return "not reached" if v is None else format(v, spec)
+
+
+def _protocol(data: StudyData, analysis: dict) -> list[str]:
+    s, p = data.spec, data.spec.get("protocol", {})
+    ev, sizes = s.get("eval", {}), data.data.get("sizes", {})
+    counts = {o: len(data.trials.get(o, [])) for o in data.optimizers}
+    complete = {o: sum(t.get("state") == "complete" for t in data.trials.get(o, [])) for o in data.optimizers}
+    equal = len(set(counts.values())) <= 1
+    kept = "; ".join(
+        f"{o}: "
+        + ", ".join(
+            f"seed {f.seed} step {f.result.get('best_step')}/{f.result.get('steps')}" for f in data.finals[o]
+        )
+        for o in data.optimizers
+        if o in data.finals
+    )
+    n_pairs = len(analysis["pairwise"])
     lines = [
-        f"# Optimizer study: {cfg.model.model} on {summary['source']}",
+        "## Protocol",
         "",
-        f"Seed {cfg.seed}; task {summary['task']} ({len(summary['labels'])} labels); rows: train {sizes['train']}, "
-        f"validation {sizes['validation']}, test {sizes['test']}. Accuracy is measured on the "
-        f"**{cfg.eval.split}** split of the merged models with {_decoding(cfg)}. Chance is "
-        f"{100 * rows[0]['chance']:.1f}%." if rows else "",
+        f"- **Same tuning budget for every optimizer**: {p.get('trials')} trials each, drawn by Optuna's "
+        f"`{p.get('sampler')}` sampler over the search space below; each trial trains for "
+        f"{p.get('trial_budget')} and is scored by accuracy on the **tuning split** "
+        f"({sizes.get('tune', p.get('tune_rows'))} questions carved from the training data, disjoint "
+        "from the validation set that reports the results).",
+        "- Trials on file: "
+        + ", ".join(f"{o} {counts[o]} ({complete[o]} complete)" for o in data.optimizers)
+        + ("" if equal else " - **the trial counts differ: the comparison is not on an equal budget**")
+        + ".",
+        f"- **Finals**: each optimizer's best trial re-run with seeds {p.get('final_seeds')} (the seed "
+        f"changes the LoRA initialisation and the data order) for {p.get('final_budget')}, scored on the "
+        f"**{ev.get('split', 'validation')}** split ({sizes.get('validation', '?')} questions; decode "
+        f"`{ev.get('decode')}`, normalize `{ev.get('normalize')}`).",
+        "- **Checkpoint selection** uses the tuning split only (never the validation set); the kept step of "
+        f"each final (kept/total): {kept or '-'}.",
+        f"- Learning curves and time-to-target: validation accuracy every {p.get('curve_every')} steps on a "
+        f"fixed subsample of {p.get('curve_rows')} validation questions; target "
+        f"{_pct(p.get('target'), 0) if p.get('target') is not None else '-'} %.",
+        f"- Statistics: 95 % CIs by bootstrap over seeds and questions ({N_BOOT:,} replicates, seed "
+        f"{s.get('seed')}); pairwise differences on the same questions, paired t-test on the per-question "
+        f"differences, Holm-adjusted over the {n_pairs} pair(s); equivalence by TOST at +-"
+        f"{100 * analysis['margin']:g} points (Holm-adjusted too); exact McNemar on the first seeds in "
+        "pairwise.csv as a secondary figure.",
+        f"- Data: train {sizes.get('train', '?')}, tune {sizes.get('tune', '?')}, validation "
+        f"{sizes.get('validation', '?')}, test {sizes.get('test', '?')} questions; chance "
+        f"{_pct(data.data.get('chance'))} %.",
         "",
-        "| optimizer | lr | accuracy (95% CI) | final train loss | best val loss | epochs | train time (s) "
-        "| train samples/s | train peak mem (MB) | eval samples/s | eval tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| optimizer | class | searched | fixed |",
+        "|---|---|---|---|",
     ]
-    for r in rows:
+    for o in data.optimizers:
+        e = s.get("optimizers", {}).get(o, {})
+        space = ", ".join(
+            f"{k} {v['low']:g}..{v['high']:g}{' (log)' if v.get('log') else ''}"
+            for k, v in (e.get("search") or {}).items()
+        )
+        fixed = ", ".join(f"{k}={v}" for k, v in (e.get("fixed") or {}).items())
+        lines.append(f"| {o} | `{e.get('optimizer', '?')}` | {space or '-'} | {fixed or '-'} |")
+    return lines + [""]
+
+
+def _results_table(data: StudyData, analysis: dict) -> list[str]:
+    seeds = sorted({r["seed"] for r in analysis["results"]})
+    lines = [
+        "## Results",
+        "",
+        "| optimizer | best trial (tuning acc.) | params | mean (95 % CI) | sd | "
+        + " | ".join(f"seed {s}" for s in seeds)
+        + " | steps to target (median) | seconds to target | reached | ms/step | optimizer state (MiB) |",
+        "|---" * (10 + len(seeds)) + "|",
+    ]
+    for r in analysis["summary"]:
         lines.append(
-            f"| {r['optimizer']} | {r['learning_rate']:g} | **{100 * r['accuracy']:.1f}%** "
-            f"({100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}) | {_fmt(r['final_train_loss'])} "
-            f"| {_fmt(r['best_val_loss'])} | {_fmt(r['epochs_run'], 'g')} | {_fmt(r['train_time_s'], '.0f')} "
-            f"| {_fmt(r['train_samples_per_s'], '.2f')} | {_fmt(r['train_peak_mem_mb'], '.0f')} "
-            f"| {_fmt(r['eval_samples_per_s'], '.1f')} | {_fmt(r['eval_tokens_per_s'], '.0f')} |")
-    if any(r.get("free_accuracy") is not None for r in rows):
-        what = "a choice's text" if cfg.data.answer_format == "text" else "a letter"
-        lines += ["", f"Free greedy decoding (the generated text must equal {what}), for comparison: "
-                  + "; ".join(f"{r['optimizer']} {100 * r['free_accuracy']:.1f}% ({r['free_valid_pct']:.0f}% valid)"
-                              for r in rows if r.get("free_accuracy") is not None) + "."]
-    lines += ["", "Paired comparison on the same questions (exact McNemar test; p < 0.05 means the accuracy "
-              "difference is unlikely to be luck):", "", "| a | b | a right, b wrong | b right, a wrong | p |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {p['a']} | {p['b']} | {p['a_right_b_wrong']} | {p['b_right_a_wrong']} | {p['mcnemar_p']:.3g} |"
-              for p in pairs]
-    lines += [""] + [f"## {title}\n\n![{title}]({name})\n" for name, title in PLOTS.items()]
-    opt_lines = []
-    for r in rows:
-        c = yaml.safe_load((study.run_dir(r["optimizer"]) / "config.yaml").read_text())["optim"]
-        kwargs = ", ".join(f"{k}={v}" for k, v in (c.get("kwargs") or {}).items())
-        opt_lines.append(f"- **{r['optimizer']}**: `{c['optimizer']}` lr {c['learning_rate']:g}, weight decay "
-                         f"{c['weight_decay']:g}, {c['lr_scheduler']} schedule, warm-up {c['warmup_ratio']:g}"
-                         + (f", {kwargs}" if kwargs else ""))
-    t, lo = run_cfg.get("train", {}), run_cfg.get("lora", {})
+            f"| {r['optimizer']} | {r['best_trial'] if r['best_trial'] is not None else '-'} "
+            f"({_pct(r['best_trial_score'])} %) | {r['params'] or '-'} | **{_pct(r['mean'])} %** "
+            f"({_pct(r['ci_low'])}..{_pct(r['ci_high'])}) | {_pct(r['sd'])} | "
+            + " | ".join(_pct(r.get(f"acc_seed_{s}")) for s in seeds)
+            + f" | {_reached(r['ttt_step_median'], '.0f')} | {_reached(r['ttt_seconds_median'], '.1f')} "
+            f"| {r['reached']} | {_num(r['step_time_s'] and 1000 * r['step_time_s'], '.1f')} "
+            f"| {_num(r['optimizer_state_bytes'] and r['optimizer_state_bytes'] / 2**20, '.2f')} |"
+        )
+    return lines + ["", "Accuracies in %; sd is across seeds; the CI resamples seeds and questions.", ""]
+
+
+def _baselines(data: StudyData, analysis: dict) -> list[str]:
+    lines = [
+        "## Baselines",
+        "",
+        "| baseline | accuracy (95 % CI) | n | decode | normalize | description |",
+        "|---|---|---|---|---|---|",
+    ]
+    if data.data.get("chance") is not None:
+        lines.append(f"| chance | {_pct(data.data['chance'])} % | - | - | - | 1 / number of choices |")
+    for name, ev in data.baselines.items():
+        ci = ev.get("accuracy_ci95") or [None, None]
+        lines.append(
+            f"| {BASELINE_NAMES.get(name, name)} | {_pct(ev['accuracy'])} % ({_pct(ci[0])}..{_pct(ci[1])})"
+            f" | {ev.get('n', '-')} | {ev.get('decode', '-')} | {ev.get('normalize', '-')} "
+            f"| {ev.get('description', '')} |"
+        )
+    if data.baselines and analysis["summary"]:
+        name, ev = max(data.baselines.items(), key=lambda kv: kv[1]["accuracy"])
+        verdicts = [
+            f"{r['optimizer']} {'above' if r['mean'] > ev['accuracy'] else '**not above**'}"
+            + (" (CI clear of it)" if r["ci_low"] is not None and r["ci_low"] > ev["accuracy"] else "")
+            for r in analysis["summary"]
+        ]
+        lines += [
+            "",
+            f"Trained means against the best untrained baseline ({BASELINE_NAMES.get(name, name)}, "
+            f"{_pct(ev['accuracy'])} %): " + "; ".join(verdicts) + ".",
+        ]
+    return lines + [""]
+
+
+def _adabound(data: StudyData) -> list[str]:
+    lines = []
+    for o in [o for o in data.optimizers if o in data.finals]:
+        runs = data.finals[o]
+        bounds = [(f.seed, f.result["adabound_bounds"]) for f in runs if f.result.get("adabound_bounds")]
+        if not bounds:
+            continue
+        closed = all(b["ratio"] < CLOSED_RATIO for _, b in bounds)
+        detail = "; ".join(
+            f"seed {s}: lower {b['lower']:.3g}, upper {b['upper']:.3g}, ratio {b['ratio']:.3g}"
+            for s, b in bounds
+        )
+        lines.append(
+            f"- **{o}**: bounds at the last step {detail}: "
+            + (
+                f"**closed** (ratio < {CLOSED_RATIO:g} on every seed): it ended as SGD with a bounded rate."
+                if closed
+                else f"**did not close** (ratio >= {CLOSED_RATIO:g} on some seed): it never "
+                "made the switch to SGD that defines it, and behaved as a clipped Adam."
+            )
+        )
+    return ["## AdaBound's bounds", "", *lines, ""] if lines else []
+
+
+def render_markdown(data: StudyData, analysis: dict) -> str:
+    s = data.spec
+    lines = [f"# Optimizer study: {s.get('model')} on {s.get('source')} ({s.get('task')})", ""]
+    if s.get("demo"):
+        n_seeds = len(s.get("protocol", {}).get("final_seeds") or [])
+        lines += [
+            f"**This is the demo study ({s.get('protocol', {}).get('trials')} trials per optimizer, "
+            f"{n_seeds} seeds, {data.data.get('sizes', {}).get('validation', '?')} validation questions): "
+            "it is too small for a verdict. It shows the protocol end to end; its numbers do not say "
+            "which optimizer is better.**",
+            "",
+        ]
+    lines += _protocol(data, analysis) + _results_table(data, analysis) + _baselines(data, analysis)
+    lines += ["## Pairwise verdicts", ""]
+    lines += [f"- {p['verdict']}" for p in analysis["pairwise"]] or ["- (no pair with predictions on file)"]
     lines += [
-        "## Setup",
         "",
-        f"- model {cfg.model.model} ({info.get('n_params', 0) / 1e6:.0f}M parameters), precision "
-        f"{info.get('precision')}, LoRA rank {lo.get('rank')} alpha {lo.get('alpha')} dropout {lo.get('dropout')}",
-        f"- same for every optimizer: data order (seed {cfg.seed}), {t.get('epochs')} epochs of batch "
-        f"{info.get('global_batch')}, early stopping patience {t.get('early_stopping_patience')} (best val-loss "
-        "epoch kept), gradient clipping " + str(run_cfg.get("optim", {}).get("max_grad_norm")),
-        *opt_lines,
-        f"- memory: {rows[0]['memory_kind'] if rows else ''} (CPU: peak resident set of the process during the "
-        "phase, sampled; GPU: peak CUDA allocation)",
-        f"- versions: {', '.join(f'{k} {v}' for k, v in (info.get('versions') or {}).items() if v)}; "
-        f"git {str(info.get('git_commit'))[:10]}",
+        'Differences are a - b in points; "better" needs Holm-adjusted p < 0.05, '
+        '"equivalent" needs the (Holm-adjusted) TOST to reject at 0.05; anything else is "no difference '
+        'shown", which is not evidence of equality. Details: `pairwise.csv`.',
         "",
-        "Files: `results.csv` (this table), `pairwise.csv`, `eval/<optimizer>/` (eval.json, predictions.jsonl, "
-        "confusion matrix), `../experiments/<optimizer>/metrics.jsonl` (loss curves), "
-        "`../notebooks/analysis.ipynb` (re-draws these plots).",
+    ]
+    lines += _adabound(data)
+    lines += [f"## {title}\n\n![{title}]({name})\n" for name, title in PLOTS.items()]
+    lines += [
+        "## Files",
+        "",
+        "`trials.csv` (every trial), `results.csv` (every final run), `summary.csv` "
+        "(per optimizer), `pairwise.csv` (per pair); `../notebooks/analysis.ipynb` redraws these plots from "
+        "the study folder.",
         "",
     ]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- across workloads
+
+
+def workload_name(data: StudyData) -> str:
+    return f"{data.spec.get('source', data.root.name)} ({data.spec.get('task', '?')})"
+
+
+def plot_performance_profile(profile: dict[str, list[tuple[float, float]]], n_workloads: int):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (o, points) in enumerate(profile.items()):
+        taus = [100 * t for t, _ in points]
+        ax.step(
+            taus + [taus[-1] + max(1.0, 0.1 * taus[-1])],
+            [f for _, f in points] + [points[-1][1]],
+            where="post",
+            color=f"C{i}",
+            label=o,
+            linewidth=2,
+            alpha=0.85,
+        )
+    ax.set(
+        xlabel="tau: accuracy gap to the best optimizer of the workload (points)",
+        ylabel="fraction of workloads within tau",
+        ylim=(-0.03, 1.03),
+        title=f"Performance profile over {n_workloads} workload(s)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def write_cross_workload(study_dirs: list[Path], out: Path) -> dict:
+    """performance_profile.png, cross_workload.csv and cross_workload.md over finished studies."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    scores: dict[str, dict[str, float]] = {}
+    for d in study_dirs:
+        data = load_study(d)
+        name = workload_name(data)
+        name = name if name not in scores else f"{name} [{Path(d).name}]"
+        scores[name] = {
+            o: float(np.mean([f.result["accuracy"] for f in data.finals[o]]))
+            for o in data.optimizers
+            if o in data.finals
+        }
+    profile = stats.performance_profile(scores)
+    rows = [
+        {
+            "workload": w,
+            "optimizer": o,
+            "mean_accuracy": acc,
+            "gap_points": 100 * (max(s.values()) - acc),
+            "best": acc == max(s.values()),
+        }
+        for w, s in scores.items()
+        for o, acc in s.items()
+    ]
+    write_csv(rows, out / "cross_workload.csv", None if rows else ["workload", "optimizer"])
+    plt = _plt()
+    fig = plot_performance_profile(profile, len(scores))
+    fig.savefig(out / "performance_profile.png", dpi=110)
+    plt.close(fig)
+    opts = list(profile)
+    md = [
+        "# Optimizers across workloads",
+        "",
+        "Mean final accuracy (%) per workload; the gap to the workload's "
+        "best optimizer drives the performance profile (Dolan & More 2002).",
+        "",
+        "| workload | " + " | ".join(opts) + " |",
+        "|---" * (len(opts) + 1) + "|",
+    ]
+    md += [
+        f"| {w} | "
+        + " | ".join(f"**{_pct(s[o])}**" if s.get(o) == max(s.values()) else _pct(s.get(o)) for o in opts)
+        + " |"
+        for w, s in scores.items()
+    ]
+    md += ["", "![Performance profile](performance_profile.png)", ""]
+    atomic_write_text(out / "cross_workload.md", "\n".join(md))
+    return {"workloads": list(scores), "scores": scores, "profile": profile}
