@@ -12,6 +12,7 @@ data set is MMLU-Pro from the hub, so training without --data or --config reads 
 (split test), as the original script did; pass --data for a local file or the bundled `demo` set.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -21,6 +22,33 @@ from qwen_ft.cli import main  # noqa: E402
 
 MODES = {"train": "train", "validate": "validate", "test": "test"}
 SEED_DATA = "TIGER-Lab/MMLU-Pro"
+
+
+def seed_parser() -> argparse.ArgumentParser:
+    """The guide's own flags, for --help (the rest are those of the qwen-ft command of the mode)."""
+    p = argparse.ArgumentParser(prog="ft_qwen3_generative_lora.py", add_help=False, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description=__doc__.split("\n\n", 1)[0].strip())
+    p.add_argument("--mode", choices=MODES, default="train",
+                   help="train (default): LoRA-train, like `qwen-ft train`; validate: score a run's validation "
+                        "rows, like `qwen-ft validate`; test: label the given texts, like `qwen-ft test`.")
+    p.add_argument("--model-path", metavar="DIR",
+                   help="validate / test: the run folder that --mode train wrote (its --output-dir).")
+    p.add_argument("--num-val-samples", metavar="N", type=int,
+                   help="validate: score only the first N rows of the validation split.")
+    p.add_argument("-h", "--help", action="store_true", help="Show this help (with --mode M: that mode's flags).")
+    return p
+
+
+def print_help(mode: str) -> None:
+    from qwen_ft.cli import build_parser
+
+    print(seed_parser().format_help())
+    if mode == "train":
+        print(f"Without --data or --config, --mode train reads {SEED_DATA} (split test), as the guide does.\n")
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    print(f"--mode {mode} also takes every flag of `qwen-ft {MODES[mode]}`:\n")
+    print(sub.choices[MODES[mode]].format_help())
 
 
 def translate(argv: list[str]) -> list[str]:
@@ -40,6 +68,9 @@ def translate(argv: list[str]) -> list[str]:
         print(f"ft_qwen3_generative_lora.py: error: --mode must be one of {', '.join(MODES)} (got {mode!r})",
               file=sys.stderr)
         raise SystemExit(2)
+    if "-h" in rest or "--help" in rest:
+        print_help(mode)
+        raise SystemExit(0)
     if mode == "train" and not any(a.split("=")[0] in ("--data", "--config") for a in rest):
         rest += ["--data", SEED_DATA, "--hub-split", "test"]
     return [MODES[mode], *rest]

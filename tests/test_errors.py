@@ -207,7 +207,7 @@ def test_model_folder_that_is_not_a_model(train, tmp_path, tiny_qwen3, tiny_run)
     vit.mkdir()
     (vit / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 1,
                                                   "num_attention_heads": 2, "intermediate_size": 64}))
-    (vit / "model.safetensors").write_bytes(b"")
+    (vit / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")  # a valid, empty file
     assert "is not a causal language model" in train("--model", str(vit))
 
 

@@ -15,8 +15,8 @@ import sys
 import typing
 
 from qwen_ft import distributed as dist
-from qwen_ft.config import TrainConfig, env_overrides, flatten, load_yaml
-from qwen_ft.errors import UserError
+from qwen_ft.config import TrainConfig, coerce_layer, env_overrides, flag_for, flatten, load_yaml
+from qwen_ft.errors import UserError, from_os_error
 
 COMMANDS = {"train": "train", "validate": "validate", "test": "predict", "merge": "merge", "study": "study"}
 
@@ -44,12 +44,14 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
 
 
 def user_layers(args: argparse.Namespace) -> dict:
-    """YAML < environment < CLI, as one flat dict of dotted keys."""
+    """YAML < environment < CLI, as one flat dict of dotted keys, each value converted to its type where it
+    came from, so that a bad value is named by its flag, variable or file."""
     layer: dict = {}
     if getattr(args, "config", None):
         layer.update(flatten(_only_sections(load_yaml(args.config), args.config)))
     layer.update(env_overrides())
-    layer.update({k: v for k, v in vars(args).items() if "." in k})
+    flags = {k: v for k, v in vars(args).items() if "." in k}
+    layer.update(coerce_layer(flags, lambda key: flag_for(key)))
     return layer
 
 
@@ -74,10 +76,24 @@ def quiet_libraries(debug: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class Parser(argparse.ArgumentParser):
+    """No abbreviated flags (`--mode` must never be taken for `--model`), for every subcommand too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        if "--mode" in message:
+            message += ("\n--mode belongs to ft_qwen3_generative_lora.py; qwen-ft takes the mode as its command: "
+                        "qwen-ft train | validate | test")
+        super().error(message)
+
+
+    parser = Parser(
         prog="qwen-ft", description="LoRA-fine-tune a causal LM to generate a category label or an answer letter.")
     parser.add_argument("--debug", action="store_true", help="Show tracebacks.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name, module in COMMANDS.items():
         if importlib.util.find_spec(f"qwen_ft.commands.{module}") is not None:
             importlib.import_module(f"qwen_ft.commands.{module}").add_parser(sub, name)
@@ -91,17 +107,53 @@ def main(argv: list[str] | None = None) -> int:
     dist.setup_logging(debug)
     quiet_libraries(debug)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse has printed its message (or the help)
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    name = f"qwen-ft {args.command}{dist.rank_tag()}"
     try:
         args.func(args)
-    except UserError as e:
-        if debug:
-            raise
-        print(f"qwen-ft {args.command}{dist.rank_tag()}: error: {e.message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
+    except Exception as e:
+        if debug:
+            raise
+        error = user_error(e)
+        if error is None:  # a bug of ours: the traceback is for the report
+            import traceback
+
+            traceback.print_exc()
+            print(f"{name}: internal error (a bug in qwen-ft, not a problem with your input): "
+                  f"{type(e).__name__}: {e}\nPlease report it with the command line and the traceback above.",
+                  file=sys.stderr)
+            return 1
+        print(f"{name}: error: {error.message}", file=sys.stderr)
+        return 2
         logging.shutdown()
     return 0
+
+
+def user_error(e: BaseException) -> UserError | None:
+    """The user-facing error for an exception escaping a command, or None for an internal error.
+
+    UserError: as it is. OSError anywhere in the chain (full disk, read-only or missing folder, a file where a
+    folder should be), and running out of memory: the user's environment, so one message, no traceback.
+    """
+    if isinstance(e, UserError):
+        return e
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, UserError):
+            return cause
+        if isinstance(cause, OSError):
+            return from_os_error(cause)
+        if isinstance(cause, MemoryError) or type(cause).__name__ == "OutOfMemoryError":
+            return UserError(f"out of memory: {cause}".rstrip(": "),
+                             "Use a smaller --batch-size or --max-length, gradient checkpointing, or bf16.")
+        cause = cause.__cause__ or cause.__context__
+    return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -149,10 +150,33 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- presets
 
 @dataclass(frozen=True)
+        p.check(0 <= tr.seed < 2**32, f"--seed must be in [0, 2**32) (got {tr.seed}): numpy and the data split "
+                "take only non-negative 32-bit seeds")
+        p.check(mo.max_length <= 1_000_000, f"--max-length must be <= 1000000 (got {mo.max_length})")
+        for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
+            v = getattr(tr, name)
+            p.check(v is None or v <= 1_000_000, f"--{name.replace('_', '-')} must be <= 1000000 (got {v})")
+        p.check(op.lr_scheduler in LR_SCHEDULERS, f"--lr-scheduler {op.lr_scheduler!r} is not a schedule"
+                + _did_you_mean(op.lr_scheduler, LR_SCHEDULERS) + f"; known: {', '.join(LR_SCHEDULERS)}")
+        p.check(mo.attn_implementation in (None, *ATTENTION), f"--attn-implementation {mo.attn_implementation!r} "
+                f"is not an attention kernel" + _did_you_mean(mo.attn_implementation or "", ATTENTION)
+                + f"; known: {', '.join(ATTENTION)}")
 class Preset:
     name: str
     max_params: float
     values: dict
+
+# transformers schedules that need no extra arguments (cosine_with_min_lr & co. need lr_scheduler_kwargs)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau")
+# attention kernels built into transformers; hub kernels ("org/repo") would load code, so they are not offered
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def _did_you_mean(value: str, known) -> str:
+    close = difflib.get_close_matches(str(value), list(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
 
 
 # From the seed guide's table (0.6B / 1.7B / 7B+); the "tiny" row is ours, for sub-0.5B models on CPU:
@@ -194,13 +218,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value.lower() in ("1", "true", "yes", "on")
         raise UserError(f"{where}: expected true/false, got {value!r}")
     if tp in (int, float):
-        try:
-            out = tp(value) if not isinstance(value, bool) else None
-        except (TypeError, ValueError):
-            out = None
-        if out is None or (tp is int and isinstance(value, float) and not value.is_integer()):
-            raise UserError(f"{where}: expected a number ({tp.__name__}), got {value!r}")
-        return out
+        return _number(value, tp, where)
     if tp is str:
         if isinstance(value, (dict, list)):
             raise UserError(f"{where}: expected text, got {value!r}")
@@ -224,6 +242,28 @@ def build(cls, data: dict, where: str = "config", _sections_of_parent: dict | No
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = _sections(cls)
+def _number(value: Any, tp: type, where: str) -> int | float:
+    """An int or a finite float from a number or its text; '3', '3.0' and '1e3' are whole numbers, '0.5' is not."""
+    number = None
+    if not isinstance(value, bool) and isinstance(value, (int, float, str)):
+        try:
+            number = int(value) if tp is int and not isinstance(value, float) else float(value)
+        except (TypeError, ValueError, OverflowError):
+            try:
+                number = float(value)
+            except (TypeError, ValueError, OverflowError):
+                number = None
+    if number is None:
+        raise UserError(f"{where}: expected a number ({tp.__name__}), got {value!r}")
+    if not math.isfinite(number):
+        raise UserError(f"{where}: expected a finite number, got {value!r}")
+    if tp is float:
+        return float(number)
+    if isinstance(number, float) and not number.is_integer():
+        raise UserError(f"{where}: expected a whole number (int), got {value!r}")
+    return int(number)
+
+
     p = Problems()
     for key in data:
         if key not in hints:
@@ -306,11 +346,47 @@ def env_overrides(env: dict | None = None) -> dict[str, Any]:
             continue
         value = env[var]
         if var == "USE_BF16":
-            out[key] = "bf16" if _coerce(value, bool, var) else "fp32"
+            out[key] = "bf16" if _coerce(value, bool, f"environment variable {var}") else "fp32"
         elif var == "USE_FLASH_ATTN":
-            if _coerce(value, bool, var):
+            if _coerce(value, bool, f"environment variable {var}"):
                 out[key] = "flash_attention_2"
-        else:
+        else:  # named by the variable, not by the config key it sets
+            out[key] = _coerce(value, field_types(TrainConfig)[key], f"environment variable {var}")
+    return out
+
+
+def field_types(cls) -> dict[str, Any]:
+    """Dotted key ('train.epochs') -> its type, for every field of a sectioned config dataclass."""
+    out = {}
+    for section, tp in _sections(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out.update({f"{section}.{name}": sub for name, sub in _sections(tp).items()})
+    return out
+
+
+def flag_for(key: str, cls=None) -> str:
+    """The command-line flag of a dotted key ('train.epochs' -> '--epochs'), else the key itself."""
+    cls = cls or TrainConfig
+    section, _, name = key.partition(".")
+    tp = _sections(cls).get(section)
+    if dataclasses.is_dataclass(tp):
+        for f in dataclasses.fields(tp):
+            if f.name == name and f.metadata.get("flag"):
+                return f.metadata["flag"]
+    return key
+
+
+HINTS = {"train.epochs": "--epochs counts whole passes over the data; for part of one, use --max-steps."}
+
+
+def coerce_layer(layer: dict[str, Any], where, cls=None) -> dict[str, Any]:
+    """Values of one layer (flags, YAML) converted to their field types, each problem named by `where(key)`
+    (the flag or the file it came from); unknown keys pass through (`build` reports them)."""
+    types = field_types(cls or TrainConfig)
+    p = Problems()
+    out = {}
+    for key, value in layer.items():
+        if key not in types or value is None:
             out[key] = value
     return out
 
@@ -318,6 +394,12 @@ def env_overrides(env: dict | None = None) -> dict[str, Any]:
 def resolve(cls, layers: list[dict[str, Any]], where: str = "config", check: bool = True):
     """Merge flat dotted-key layers (lowest precedence first) on top of the defaults and validate."""
     merged = flatten(dataclasses.asdict(cls()))
+            continue
+        try:
+            out[key] = _coerce(value, types[key], where(key))
+        except UserError as e:
+            p.add(e.problems[0], HINTS.get(key))
+    p.raise_if_any()
     for layer in layers:
         merged.update({k: v for k, v in layer.items()})
     cfg = build(cls, unflatten(merged), where)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -61,3 +62,28 @@ class Problems:
         if self.items:
             hints = self.hints + ([hint] if hint and hint not in self.hints else [])
             raise UserError(self.items, "\n".join(hints) or None)
+
+
+OS_HINTS = {
+    errno.ENOSPC: "The disk is full: free some space (or choose a folder on another disk), then run the command "
+                  "again; a training run continues with --resume from its last complete checkpoint.",
+    errno.EDQUOT: "The disk quota is used up: free some space, then run the command again (--resume for training).",
+    errno.EFBIG: "The file grew beyond the size this system allows (ulimit -f); raise the limit or choose "
+                 "another folder.",
+    errno.EROFS: "The folder is on a read-only file system: choose a writable folder.",
+    errno.EACCES: "Permission denied: choose a folder you can write to, or fix its permissions.",
+    errno.EPERM: "Operation not permitted: choose a folder you can write to, or fix its permissions.",
+    errno.ENOTDIR: "A part of this path is a file, not a folder: check the path.",
+    errno.EISDIR: "This path is a folder where a file was expected: check the path.",
+    errno.ENOENT: "Check that the path exists.",
+    errno.ENAMETOOLONG: "Use a shorter path.",
+    errno.EMFILE: "Too many open files: raise the limit (ulimit -n).",
+}
+
+
+def from_os_error(e: OSError) -> UserError:
+    """A user-facing error for an OSError (full disk, read-only folder, a file where a folder should be)."""
+    what = e.strerror or str(e) or type(e).__name__
+    paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
+    text = f"{what}: {' -> '.join(paths)}" if paths else what
+    return UserError(text, OS_HINTS.get(e.errno or -1))

@@ -14,6 +14,7 @@ import torch
 
 from qwen_ft.config import LoraArgs
 from qwen_ft.errors import UserError
+from qwen_ft.runs import check_adapter_files, safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ def resolve_model(name: str) -> str:
                             + (f" (only pickle files, which qwen-ft does not load: {', '.join(pickled)})"
                                if pickled else ""),
                             "Save the model with save_pretrained(..., safe_serialization=True).")
+        for weights in sorted(path.glob("*.safetensors")):
+            safetensors_header(weights)  # a truncated file: one clear error now, not a loader's traceback
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise UserError(f"model not found: {name}",
@@ -84,14 +87,40 @@ def ensure_embedded(alias: str) -> Path:
     return target
 
 
+# Remote code: every loader here takes `trust_remote_code` from its caller, who passes the command-line flag of
+# the command being run; nothing read from a run folder, a model folder or a study file switches it on.
+TRUST_HINT = ("It ships its own Python code (auto_map), which qwen-ft runs only when you pass --trust-remote-code "
+              "to this command, after you have read that code.")
+
+
+def _load_error(what: str, path, e: Exception, hint: str | None = None) -> UserError:
+    if "trust_remote_code" in str(e):
+        return UserError(f"{what} {path} needs code from the model folder or the hub to load", TRUST_HINT)
+    return UserError(f"cannot load {what} {path}: {type(e).__name__}: {str(e)[:500]}", hint)
+
+
+def _environment_error(e: Exception) -> bool:
+    """Out of memory, or a system error with an errno (full disk, permissions): the top-level guard words it."""
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or \
+        (isinstance(e, OSError) and e.errno is not None)
+
+
+def require_trust(folder, recorded: bool, given: bool) -> None:
+    """A folder recorded with trust_remote_code loads only when this command's own flag is given."""
+    if recorded and not given:
+        raise UserError(f"{folder} was trained with --trust-remote-code: loading it runs Python code from its "
+                        "base model", "Pass --trust-remote-code to this command if you trust that code; a run "
+                        "folder alone never switches it on.")
+
+
 def load_config(path: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise UserError(f"cannot read the model config of {path}: {type(e).__name__}: {e}",
-                        "Offline? Use a local model folder or 'smollm2-135m'.") from None
+        raise _load_error("the model config of", path, e, "Offline? Use a local model folder or 'smollm2-135m'.") \
+            from None
 
 
 def count_parameters(config) -> int:
@@ -106,7 +135,11 @@ def count_parameters(config) -> int:
 def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str = "left"):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise _load_error("the tokenizer of", path, e, "The folder needs the tokenizer files of its model.") \
+            from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # safe: labels are masked by position, never by pad id
     tok.padding_side = padding_side
@@ -119,9 +152,31 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torc
 
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if attn_implementation:
+        check_attention(attn_implementation)  # the model may load on the CPU and move to the GPU later
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as e:
+        if _environment_error(e):
+            raise
+        raise _load_error("the model", path, e, "The weights do not fit the config, or a file is damaged: "
+                          "check the model folder, or download it again.") from None
     return model.to(device)
+
+
+def check_attention(name: str | None, device: str | torch.device | None = None) -> None:
+    """The attention kernel can run here: flash attention needs a CUDA GPU and its package."""
+    if not name or not name.startswith("flash_attention"):
+        return
+    hint = "Use --attn-implementation sdpa (the default), or unset USE_FLASH_ATTN."
+    on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    if not on_cuda or not torch.cuda.is_available():
+        raise UserError(f"--attn-implementation {name} (USE_FLASH_ATTN=1 sets it) needs a CUDA GPU, and none is "
+                        "used here", hint)
+    package = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}.get(name)
+    if package and importlib.util.find_spec(package) is None:
+        raise UserError(f"--attn-implementation {name} needs the {package} package, which is not installed",
+                        f"pip install {package.replace('_', '-')}, or: {hint}")
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -157,7 +212,15 @@ def load_adapter(model, run_dir: Path, merge: bool):
     """Base model + the run's adapter; merged into the weights when `merge` (fastest inference)."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(model, str(run_dir))
+    check_adapter_files(Path(run_dir))
+    try:
+        model = PeftModel.from_pretrained(model, str(run_dir))
+    except Exception as e:
+        if _environment_error(e):
+            raise
+        raise UserError(f"cannot load the LoRA adapter of {run_dir}: {type(e).__name__}: {str(e)[:500]}",
+                        "adapter_config.json and adapter_model.safetensors must come from the same run, on this "
+                        "base model: restore them, or retrain.") from None
     if not merge:
         return model
     # merge_and_unload leaves every weight with requires_grad=False; with that, constrained validation of

@@ -14,18 +14,26 @@ Layout (see README):
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import platform
 import shutil
+import socket
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qwen_ft.errors import UserError
+
+log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 
@@ -105,7 +113,7 @@ def env_info() -> dict:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
-    return {"versions": versions, "python": platform.python_version(), "git_commit": git_commit(),
+    return {"written_by": WRITER, "versions": versions, "python": platform.python_version(), "git_commit": git_commit(),
             "platform": platform.platform()}
 
 
@@ -142,11 +150,64 @@ class RunDir:
             raise UserError(f"run folder {self.path} has no {name} split (split/{name}.jsonl)")
         return read_jsonl(path)
 
-    def label_mapping(self) -> dict:
-        return json.loads((self.path / "label_mapping.json").read_text())
+    def label_mapping(self, check_splits: bool = True) -> dict:
+        """label_mapping.json, checked: its shape, and its labels against the rows of the run's split files
+        (an edited mapping would otherwise score every row as wrong)."""
+        path = self.path / "label_mapping.json"
+        hint = "label_mapping.json is written by `qwen-ft train`; restore the original or retrain the run."
+        data = self._json(path, hint)
+        problems = _mapping_problems(data)
+        if problems:
+            raise UserError([f"{path}: {p}" for p in problems], hint)
+        if check_splits:
+            self._check_mapping_against_splits(data, path, hint)
+        return data
+
+    def _check_mapping_against_splits(self, mapping: dict, path: Path, hint: str) -> None:
+        labels = set(mapping["labels"])
+        seen: dict[str, set[str]] = {}
+        most_choices = 0
+        for name in ("train", "validation", "test"):
+            split = self.path / "split" / f"{name}.jsonl"
+            if split.is_file():
+                rows = self._jsonl(split, hint)
+                seen[name] = {str(row.get("label")) for row in rows}
+                most_choices = max([most_choices, *(len(row.get("choices") or ()) for row in rows)])
+        if not seen:
+            return
+        every = set().union(*seen.values())
+        if mapping["task"] == "multiple_choice":
+            want = {chr(ord("A") + i) for i in range(most_choices)}
+            if labels != want or not every <= labels:
+                raise UserError(f"{path} lists the answers {''.join(sorted(labels))}, but the run's split files "
+                                f"have {most_choices} choices ({''.join(sorted(want))})", hint)
+            return
+        missing = sorted(every - labels)  # prepare() builds the labels from the training rows: they must agree
+        extra = sorted(labels - seen["train"]) if "train" in seen else []
+        if missing or extra:
+            parts = ([f"labels of the split rows missing from it: {', '.join(missing)}"] if missing else []) + \
+                    ([f"labels no training row has: {', '.join(extra)}"] if extra else [])
+            raise UserError(f"{path} disagrees with the run's split files ({'; '.join(parts)})", hint)
 
     def info(self) -> dict:
-        return json.loads((self.path / "run.json").read_text())
+        return self._json(self.path / "run.json", "run.json is written by `qwen-ft train`; retrain the run.")
+
+    @staticmethod
+    def _json(path: Path, hint: str):
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"{path} is missing", hint) from None
+        except (UnicodeDecodeError, ValueError) as e:
+            raise UserError(f"{path} is not valid JSON: {e}", hint) from None
+
+    @staticmethod
+    def _jsonl(path: Path, hint: str) -> list[dict]:
+        try:
+            rows = read_jsonl(path)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise UserError(f"{path} is not valid JSON lines: {e}", hint) from None
+        return [r for r in rows if isinstance(r, dict)]
 
     def require_complete(self) -> RunDir:
         """For readers: a finished run with an adapter, or one clear error."""
@@ -170,11 +231,79 @@ class RunDir:
         if not (p / "adapter_model.safetensors").is_file():  # never fall back to a pickled adapter_model.bin
             raise UserError(f"{p} has no adapter_model.safetensors; only safetensors weights are loaded",
                             "Re-save the adapter with safe_serialization=True, or retrain.")
+        check_adapter_files(p)
         return self
 
     def last_checkpoint(self) -> Path | None:
         """The newest checkpoint that was written to the end (trainer_state.json is saved last)."""
         return last_good_checkpoint(self.checkpoints)
+
+
+def safetensors_header(path: Path) -> dict:
+    """The header of a .safetensors file, checked against the file's size (a truncated or damaged file is a
+    UserError here, before any loader sees it)."""
+    path = Path(path)
+    hint = "The file is damaged or was cut short (an interrupted copy or download?): copy it again, or retrain."
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+            if n <= 0 or 8 + n > size:
+                raise UserError(f"{path} is not a complete safetensors file ({size} bytes)", hint)
+            header = json.loads(f.read(n).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise UserError(f"{path} is not a valid safetensors file (its header is not JSON)", hint) from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path} is not a valid safetensors file", hint)
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+               and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2), default=0)
+    if 8 + n + end > size:
+        raise UserError(f"{path} is truncated: its header describes {8 + n + end} bytes, the file has {size}", hint)
+    return header
+
+
+def check_adapter_files(folder: Path) -> None:
+    """adapter_config.json readable, and its rank the one the weights were saved with."""
+    hint = ("adapter_config.json and adapter_model.safetensors are written together by `qwen-ft train`; "
+            "restore both from the same run, or retrain.")
+    config = RunDir._json(Path(folder) / "adapter_config.json", hint)
+    header = safetensors_header(Path(folder) / "adapter_model.safetensors")
+    r = config.get("r") if isinstance(config, dict) else None
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise UserError(f"{folder}/adapter_config.json has no valid LoRA rank 'r' (got {r!r})", hint)
+    if config.get("rank_pattern"):  # per-module ranks: the loader checks each
+        return
+    for name, t in header.items():
+        shape = t.get("shape") if isinstance(t, dict) else None
+        if not shape or len(shape) != 2:
+            continue
+        saved = shape[0] if ".lora_A." in name else shape[1] if ".lora_B." in name else None
+        if saved is not None and saved != r:
+            raise UserError(f"{folder}: adapter_config.json says LoRA rank {r}, but the saved weights have rank "
+                            f"{saved} ({name})", hint)
+
+
+def _mapping_problems(data) -> list[str]:
+    """What is wrong with the shape of a label mapping (empty when it is usable)."""
+    from qwen_ft.tasks import TASKS
+
+    if not isinstance(data, dict):
+        return [f"expected a JSON object, got {type(data).__name__}"]
+    out = []
+    if data.get("task") not in TASKS:
+        out.append(f"'task' must be one of {', '.join(TASKS)} (got {data.get('task')!r})")
+    labels = data.get("labels")
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x.strip() for x in labels):
+        out.append("'labels' must be a non-empty list of label texts")
+    elif len(set(labels)) != len(labels):
+        out.append("'labels' lists a label twice")
+    elif "label_to_id" in data and data["label_to_id"] != {lab: i for i, lab in enumerate(labels)}:
+        out.append("'label_to_id' does not match 'labels'")
+    for key in ("instruction", "question_template"):
+        if not isinstance(data.get(key), str):
+            out.append(f"'{key}' must be text")
+    return out
 
 
 def last_good_checkpoint(folder: Path) -> Path | None:
@@ -206,27 +335,275 @@ def remove_torn_checkpoints(folder: Path, keep: Path | None) -> list[Path]:
     return removed
 
 
-def prepare_output_dir(path: Path, resume: bool, overwrite: bool) -> str:
-    """Decide what to do with an existing output folder; returns 'new', 'resume' or 'overwrite'."""
-    run = RunDir(path)
-    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+# ----------------------------------------------------------------------------- output folders
+#
+# What a command may do with its output folder is decided before anything is written (`plan_output`), and
+# the folder is then claimed (`claim_output`): an exclusive lock beside it, the decision re-checked under the
+# lock, and for --overwrite the new output built in a hidden staging sibling that replaces the old folder only
+# when the command has finished. Only folders that carry our marker are ever replaced or deleted.
+#
+#   NAME/              the output the user named
+#   .NAME.lock         the lock file (kept: removing a lock file others may wait on is a race)
+#   .NAME.lock.json    the holder's pid, host and command, while it holds the lock
+#   .NAME.staging/     the new output of --overwrite, until it is swapped in
+#   .NAME.replaced/    the old output during the swap (two renames); removed right after
+
+WRITER = "qwen-ft"
+RUN_MARKER = "run.json"  # training runs
+MERGE_MARKER = "merge.json"  # merged model folders
+
+
+def written_by_us(folder: Path, marker: str = RUN_MARKER) -> bool:
+    """True when `folder/marker` is a marker that qwen-ft wrote (a file of that name alone is not enough)."""
+    try:
+        data = json.loads((Path(folder) / marker).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    if not isinstance(data, dict):
+        return False
+    if data.get("written_by") == WRITER:
+        return True
+    if marker == RUN_MARKER:  # runs written before the marker key: env_info() records qwen-ft's version
+        return isinstance(data.get("versions"), dict) and "qwen-ft" in data["versions"] and "base_model" in data
+    return marker == MERGE_MARKER and {"source_run", "merged_vs_adapter_max_abs_diff"} <= set(data)
+
+
+def _sibling(target: Path, suffix: str) -> Path:
+    return target.parent / f".{target.name}.{suffix}"
+
+
+def staging_path(target: Path) -> Path:
+    return _sibling(Path(target), "staging")
+
+
+def lock_path(target: Path) -> Path:
+    return _sibling(Path(target), "lock")
+
+
+def _is_complete(folder: Path, marker: str) -> bool:
+    return (folder / MARKER).is_file() if marker == RUN_MARKER else written_by_us(folder, marker)
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """What to do with an output folder: `mode` new / resume / overwrite; files go to `work` (the target
+    itself, or its staging sibling, swapped in by `claim_output` at the end)."""
+
+    target: Path
+    mode: str
+    work: Path
+    resume: bool = False
+    overwrite: bool = False
+    inputs: tuple = ()
+    marker: str = RUN_MARKER
+    flag: str = "--output-dir"
+    stage_new: bool = False
+
+    @property
+    def staged(self) -> bool:
+        return self.work != self.target
+
+    def recheck(self) -> OutputPlan:
+        return plan_output(self.target, resume=self.resume, overwrite=self.overwrite, inputs=self.inputs,
+                           marker=self.marker, flag=self.flag, stage_new=self.stage_new)
+
+
+def _forms(path: Path) -> set[Path]:
+    """The absolute path as written and with symlinks resolved (containment is checked for both)."""
+    return {Path(os.path.abspath(path)), path.resolve()}
+
+
+def _inside(child: set[Path], parent: set[Path]) -> bool:
+    return any(p == c or p in c.parents for c in child for p in parent)
+
+
+def check_output_path(target: Path, inputs: dict[str, str | os.PathLike | None], flag: str = "--output-dir"):
+    """Refuse output folders whose replacement would delete or change something that is not ours."""
+    target = Path(target).expanduser()
+    t = _forms(target)
+    hint = f"Choose a new folder for {flag}."
+    if any(p == Path(p.anchor) for p in t):
+        raise UserError(f"{flag} {target} is the filesystem root", hint)
+    for name, where in (("your home folder", Path.home()), ("the current folder", Path.cwd())):
+        if _inside(_forms(where), t):
+            what = "is" if any(p in _forms(where) for p in t) else "contains"
+            raise UserError(f"{flag} {target} {what} {name} ({where})", hint)
+    for name, value in inputs.items():
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        if not path.exists():  # a hub id or the name of a bundled set: nothing local to protect
+            continue
+        i = _forms(path)
+        if _inside(i, t):
+            what = "is" if i & t else "contains"
+            raise UserError(f"{flag} {target} {what} the input {name} {value}: writing there would replace it",
+                            hint)
+        if path.is_dir() and _inside(t, i):
+            raise UserError(f"{flag} {target} is inside the input {name} {value}: writing there would change it",
+                            hint)
+
+
+def plan_output(target: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
+                inputs: dict | tuple = (), marker: str = RUN_MARKER, flag: str = "--output-dir",
+                stage_new: bool = False) -> OutputPlan:
+    """Decide, writing nothing, what to do with an output folder; a UserError names what is refused.
+
+    new: absent or empty. resume: our unfinished run (--resume), or an unfinished --overwrite in staging.
+    overwrite: our marker is there (--overwrite): the new output is staged and replaces it at the end.
+    `stage_new` stages a new output as well (for outputs that are only ever written whole).
+    """
+    target = Path(target).expanduser()
+    inputs_t = tuple(inputs.items()) if isinstance(inputs, dict) else tuple(inputs)
+    plan = functools.partial(OutputPlan, target, resume=resume, overwrite=overwrite, inputs=inputs_t,
+                             marker=marker, flag=flag, stage_new=stage_new)
+    check_output_path(target, dict(inputs_t), flag)
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{flag} {target} exists and is a file", f"Choose a folder for {flag}.")
+    staging = staging_path(target)
+    resumable = marker == RUN_MARKER
+    if resume and resumable and written_by_us(staging, marker) and not _is_complete(staging, marker):
+        return plan("resume", staging)  # an --overwrite that was interrupted: continue it where it is staged
+    if not target.exists() or not any(target.iterdir()):
         if resume:
-            raise UserError(f"--resume: nothing to resume in {path}", "Drop --resume to start a new run.")
-        return "new"
-    if not path.is_dir():
-        raise UserError(f"--output-dir {path} exists and is a file")
+            raise UserError(f"--resume: nothing to resume in {target}", "Drop --resume to start a new run.")
+        return plan("new", staging if stage_new else target)
+    what = "qwen-ft run" if marker == RUN_MARKER else "merged model folder written by qwen-ft merge"
+    if not written_by_us(target, marker):
+        raise UserError(f"{flag} {target} is not empty and is not a {what} (no {marker} of ours)",
+                        f"Choose an empty or new folder. --overwrite replaces only a {what}, never other files.")
+    complete = _is_complete(target, marker)
+    if resume and resumable and not complete:
+        return plan("resume", target)
     if overwrite:
-        return "overwrite"
-    if run.complete:
-        raise UserError(f"{path} already holds a finished run",
-                        "Pass --overwrite to replace it, or choose another --output-dir.")
-    if not (path / "run.json").is_file():
-        raise UserError(f"--output-dir {path} is not empty and is not a qwen-ft run",
-                        "Choose an empty or new folder, or pass --overwrite to replace its contents.")
-    if not resume:
-        raise UserError(f"{path} holds an unfinished run",
-                        "Pass --resume to continue it, or --overwrite to start over.")
-    return "resume"
+        return plan("overwrite", staging)
+    if complete:
+        what_done = "a finished run" if marker == RUN_MARKER else "a merged model"
+        raise UserError(f"{target} already holds {what_done}",
+                        f"Pass --overwrite to replace it, or choose another {flag}.")
+    raise UserError(f"{target} holds an unfinished run", "Pass --resume to continue it, or --overwrite to start over.")
+
+
+def prepare_output_dir(path: Path, resume: bool, overwrite: bool, inputs: dict | None = None) -> str:
+    """The mode of `plan_output` alone ('new', 'resume' or 'overwrite')."""
+    return plan_output(path, resume=resume, overwrite=overwrite, inputs=inputs or {}).mode
+
+
+class OutputLock:
+    """One writer per output folder: an exclusive lock on a hidden sibling file (so it works before the
+    folder exists and across the staging swap); a second writer gets a UserError naming the holder."""
+
+    def __init__(self, target: str | os.PathLike, flag: str = "--output-dir"):
+        self.target = Path(target).expanduser()
+        self.path = lock_path(self.target)
+        self.owner = self.path.with_name(self.path.name + ".json")
+        self.flag = flag
+        self._lock = None
+
+    def holder(self) -> dict:
+        try:
+            data = json.loads(self.owner.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def acquire(self) -> OutputLock:
+        import filelock
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = filelock.FileLock(str(self.path), timeout=0, is_singleton=False)
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            h = self.holder()
+            who = f"pid {h.get('pid')}" if h.get("pid") else "pid unknown"
+            if h.get("host") and h.get("host") != socket.gethostname():
+                who += f" on {h['host']}"
+            since = f", since {h['started']}" if h.get("started") else ""
+            cmd = f": {h['command']}" if h.get("command") else ""
+            raise UserError(f"{self.target} is being written by another qwen-ft process ({who}{since}){cmd}",
+                            f"Wait for it to finish, or choose another {self.flag}. "
+                            f"(The lock is {self.path}; it is released when that process ends.)") from None
+        self._lock = lock
+        try:
+            write_json(self.owner, {"pid": os.getpid(), "host": socket.gethostname(),
+                                    "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(sys.argv)})
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self.owner.unlink(missing_ok=True)
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _remove_ours(folder: Path, marker: str, what: str) -> None:
+    """Delete a leftover staging / replaced folder of ours; anything else there is refused, not deleted."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if folder.is_symlink() or not folder.is_dir():
+        raise UserError(f"{folder} ({what}) is in the way and is not a folder qwen-ft made",
+                        "Move or remove it yourself, then run the command again.")
+    if any(folder.iterdir()) and not written_by_us(folder, marker):
+        raise UserError(f"{folder} ({what}) is in the way and does not carry a {marker} of ours",
+                        "Move or remove it yourself, then run the command again.")
+    shutil.rmtree(folder)
+
+
+def _finish_interrupted_swap(target: Path, marker: str) -> bool:
+    """A kill between the two renames of a swap leaves the target missing: put the right folder back."""
+    replaced, staging = _sibling(target, "replaced"), staging_path(target)
+    if target.exists() or not replaced.is_dir() or not written_by_us(replaced, marker):
+        return False
+    if staging.is_dir() and _is_complete(staging, marker):
+        os.replace(staging, target)  # the new output was complete: the swap had been decided
+    else:
+        os.replace(replaced, target)
+    return True
+
+
+def swap_in(staging: Path, target: Path, marker: str = RUN_MARKER) -> None:
+    """Replace `target` by the finished `staging` folder: two renames, the old folder removed last."""
+    replaced = _sibling(target, "replaced")
+    _remove_ours(replaced, marker, "the folder replaced by an earlier run")
+    if target.exists():
+        os.replace(target, replaced)
+    os.replace(staging, target)
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+@contextmanager
+def claim_output(plan: OutputPlan, keep_failed: bool = True) -> Iterator[OutputPlan]:
+    """Lock the output, re-check the plan under the lock, prepare `plan.work`; on success swap it in.
+
+    On failure a staged output is kept for --resume (`keep_failed`) or removed; the target is untouched.
+    """
+    with OutputLock(plan.target, plan.flag):
+        if _finish_interrupted_swap(plan.target, plan.marker):
+            log.warning("%s was restored after an interrupted replacement", plan.target)
+        fresh = plan.recheck()  # another process may have written it between the plan and the lock
+        if (fresh.mode, fresh.work) != (plan.mode, plan.work):
+            raise UserError(f"{plan.target} changed while this command was checking its inputs "
+                            f"(now: {fresh.mode}, planned: {plan.mode})", "Run the command again.")
+        if plan.staged and plan.mode != "resume":
+            _remove_ours(plan.work, plan.marker, "a staging folder left by an earlier interrupted command")
+        try:
+            yield plan
+        except BaseException:
+            if plan.staged and not keep_failed:
+                shutil.rmtree(plan.work, ignore_errors=True)
+            raise
+        if plan.staged:
+            swap_in(plan.work, plan.target, plan.marker)
 
 
 def clear_dir(path: Path) -> None:

@@ -10,8 +10,8 @@ log = logging.getLogger(__name__)
 
 
 def run_merge(model_path: str, output_dir: str, dtype: str = "auto", verify_samples: int = 4,
-              tolerance: float = 1e-3, overwrite: bool = False) -> dict:
-    report = merge_run(model_path, output_dir, dtype, verify_samples, tolerance, overwrite)
+              tolerance: float = 1e-3, overwrite: bool = False, trust_remote_code: bool = False) -> dict:
+    report = merge_run(model_path, output_dir, dtype, verify_samples, tolerance, overwrite, trust_remote_code)
     saved = report.get("saved_vs_adapter_max_abs_diff")
     log.info("verified on %d prompts: max |merged - (base+adapter)| logit difference %.2e%s",
              report["verify_inputs"], report["merged_vs_adapter_max_abs_diff"],
@@ -29,6 +29,10 @@ def add_parser(sub, name: str) -> None:
                    help="Prompts on which merged logits are checked against base+adapter logits (fp32).")
     p.add_argument("--tolerance", type=float, default=1e-3,
                    help="Allowed logit difference, relative to the largest logit.")
-    p.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output-dir.")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Replace a merged model folder written earlier by qwen-ft merge (never any other folder).")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="Allow Python code shipped with the base model (auto_map). Off unless given here; a run "
+                        "trained with it refuses to merge without it.")
     p.set_defaults(func=lambda a: run_merge(a.model_path, a.output_dir, a.dtype, a.verify_samples, a.tolerance,
-                                            a.overwrite))
+                                            a.overwrite, a.trust_remote_code))

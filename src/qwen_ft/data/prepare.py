@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
+import os
+from collections import Counter, defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 from qwen_ft.config import DataArgs
-from qwen_ft.data.sources import describe, read_records
+from qwen_ft.data.sources import DEMOS, describe, is_hub, read_records
 from qwen_ft.data.splits import sample, sample_per_label, split_rows
 from qwen_ft.errors import Problems, UserError
 from qwen_ft.tasks import TASKS, Task, detect_task
@@ -20,10 +22,12 @@ class Prepared:
     task: Task
     splits: dict[str, list[dict]]
     dropped: int = 0
+    duplicates: int = 0  # exact duplicate rows removed before splitting
 
     def summary(self) -> str:
         sizes = ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())
-        return f"task {self.task.name}, {len(self.task.labels)} labels; rows: {sizes}"
+        dups = f" ({self.duplicates} duplicate rows removed)" if self.duplicates else ""
+        return f"task {self.task.name}, {len(self.task.labels)} labels; rows: {sizes}{dups}"
 
 
 def load_rows(source: str, task_name: str, data: DataArgs, id_prefix: str) -> tuple[str, list[dict], int]:
@@ -32,6 +36,8 @@ def load_rows(source: str, task_name: str, data: DataArgs, id_prefix: str) -> tu
         raise UserError(f"data set {describe(source)} is empty", "Pass a file with at least a few rows.")
     if task_name == "auto":
         task_name = detect_task(list(records[0].keys()))
+    if task_name == "multiple_choice":
+        _check_choice_counts(records, source)
     rows, dropped = TASKS[task_name].normalize(records, text_column=data.text_column,
                                                label_column=data.label_column, id_prefix=id_prefix)
     if not rows:
@@ -40,8 +46,89 @@ def load_rows(source: str, task_name: str, data: DataArgs, id_prefix: str) -> tu
     return task_name, rows, dropped
 
 
+def _check_choice_counts(records: list[dict], source: str) -> None:
+    """More choices than letters A-Z: one clear report (the task would have no letter for them)."""
+    p = Problems()
+    for i, rec in enumerate(records):
+        ch = rec.get("choices", rec.get("cands", rec.get("options")))
+        if isinstance(ch, dict):
+            ch = ch.get("label", ch.get("text"))
+        try:
+            n = len(ch) if ch is not None and not isinstance(ch, (str, bytes)) else 0
+        except TypeError:
+            continue
+        if n > 26 and len(p.items) < 5:
+            p.add(f"{describe(source)} row {i}: {n} choices (at most 26, one per letter A-Z)")
+    p.raise_if_any("Multiple-choice questions need 2 to 26 choices; drop or split the longer ones.")
+
+
+def same_source(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return os.path.samefile(pa, pb)
+    return a == b
+
+
+def check_flags_apply(data: DataArgs, task_name: str) -> None:
+    """Flags that do nothing for this task or source are errors, not silently ignored."""
+    p = Problems()
+    if task_name == "multiple_choice":
+        for name in ("max_samples_per_category", "text_column", "label_column"):
+            if getattr(data, name) is not None:
+                p.add(f"--{name.replace('_', '-')} applies to category data (text -> label), but this is "
+                      "multiple-choice data", f"Drop --{name.replace('_', '-')}; --max-samples limits "
+                      "multiple-choice rows.")
+    elif data.answer_format != "letter":
+        p.add(f"--answer-format {data.answer_format} applies to multiple-choice data, but this is a "
+              f"{task_name} task", "Drop --answer-format (or answer_format in the YAML) for this data.")
+    if data.hub_split and not (is_hub(data.data) or is_hub(data.validation_data)):
+        p.add(f"--hub-split {data.hub_split} applies to hub data sets, but --data is "
+              f"{'a bundled demo' if data.data in DEMOS else 'a local file'}", "Drop --hub-split.")
+    p.raise_if_any()
+
+
+def drop_duplicates(rows: list[dict], what: str) -> tuple[list[dict], int]:
+    """Exact duplicate rows (same question, choices and label) removed, the first kept; a question with two
+    different labels is kept and warned about (it cannot be learnt either way)."""
+    seen: dict[tuple, set] = defaultdict(set)
+    out, dups = [], 0
+    for r in rows:
+        key = (r["question"], tuple(r.get("choices") or ()))
+        if r["label"] in seen[key]:
+            dups += 1
+            continue
+        seen[key].add(r["label"])
+        out.append(r)
+    conflicting = sum(1 for labels in seen.values() if len(labels) > 1)
+    if dups:
+        log.warning("removed %d exact duplicate rows from %s before splitting (they would leak between "
+                    "train, validation and test)", dups, what)
+    if conflicting:
+        log.warning("%d questions of %s appear with different labels; each is kept once per label", conflicting,
+                    what)
+    return out, dups
+
+
+def warn_similar_labels(rows: list[dict]) -> None:
+    """Labels equal but for case or spacing become distinct classes; say so (the data may mean one class)."""
+    groups: dict[str, Counter] = defaultdict(Counter)
+    for r in rows:
+        groups[" ".join(str(r["label"]).split()).casefold()][r["label"]] += 1
+    similar = [g for g in groups.values() if len(g) > 1]
+    if similar:
+        log.warning("labels that differ only in case or spacing are distinct classes: %s. If they mean the same "
+                    "class, write them the same way in the data.",
+                    "; ".join(" / ".join(f"{lab!r} ({n} rows)" for lab, n in sorted(g.items())) for g in similar))
+
+
 def prepare(data: DataArgs, seed: int) -> Prepared:
     p = Problems()  # both sources are checked, and both reported, before either is used
+    if same_source(data.data, data.validation_data):
+        raise UserError(f"--validation-data {data.validation_data} is the same data as --data: every validation "
+                        "row would also be a training row", "Drop --validation-data (a validation split is then "
+                        "taken from --data), or pass a separate validation file.")
     loaded = p.attempt(load_rows, data.data, data.task, data, "train" if data.validation_data else "row")
     vloaded = None
     if data.validation_data:
@@ -52,9 +139,20 @@ def prepare(data: DataArgs, seed: int) -> Prepared:
     if dropped:
         log.warning("dropped %d rows without text or label from %s", dropped, describe(data.data))
     is_mc = task_name == "multiple_choice"
-    if data.answer_format != "letter" and not is_mc:
-        raise UserError(f"--answer-format {data.answer_format} applies to multiple-choice data, but this is a "
-                        f"{task_name} task", "Drop --answer-format (or answer_format in the YAML) for this data.")
+    check_flags_apply(data, task_name)
+    rows, duplicates = drop_duplicates(rows, describe(data.data))
+    if data.validation_data:  # a question in both sources would be trained on and then validated
+        vrows, vdups = drop_duplicates(vloaded[1], describe(data.validation_data))
+        vloaded = (vloaded[0], vrows, vloaded[2])
+        in_val = {(r["question"], tuple(r.get("choices") or ())) for r in vrows}
+        kept = [r for r in rows if (r["question"], tuple(r.get("choices") or ())) not in in_val]
+        if len(kept) < len(rows):
+            log.warning("removed %d rows of %s that are also in --validation-data %s", len(rows) - len(kept),
+                        describe(data.data), describe(data.validation_data))
+        duplicates += vdups + len(rows) - len(kept)
+        rows = kept
+    if not is_mc:
+        warn_similar_labels(rows + (vloaded[1] if vloaded else []))
     rows = sample(sample_per_label(rows, None if is_mc else data.max_samples_per_category, seed), data.max_samples, seed)
 
     if data.validation_data:
@@ -91,7 +189,7 @@ def prepare(data: DataArgs, seed: int) -> Prepared:
         if data.prompt_style != "chat":
             task.extra["prompt_style"] = data.prompt_style
     _check_template(task)
-    return Prepared(task=task, splits=splits, dropped=dropped)
+    return Prepared(task=task, splits=splits, dropped=dropped, duplicates=duplicates)
 
 
 def _check_template(task: Task) -> None:

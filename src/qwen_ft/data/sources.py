@@ -6,6 +6,8 @@ Local files are read with pandas (fast, no cache folder); hub ids with `datasets
 from __future__ import annotations
 
 import json
+import os
+import stat
 from importlib import resources
 from pathlib import Path
 
@@ -39,6 +41,7 @@ def read_records(source: str, hub_split: str | None = None) -> list[dict]:
     if path.exists():
         if path.is_dir():
             raise UserError(f"data source {source} is a folder; pass a .jsonl, .json, .csv or .parquet file")
+        check_regular_file(path, "data source")
         return _read_file(path)
     looks_local = source.startswith((".", "/", "~")) or Path(source).suffix.lower() in FORMATS
     if looks_local or source.count("/") != 1:
@@ -49,6 +52,28 @@ def read_records(source: str, hub_split: str | None = None) -> list[dict]:
     return _read_hub(repo, split or hub_split)
 
 
+def check_regular_file(path: Path, what: str = "file") -> None:
+    """Only regular files are read: a FIFO, a device or a socket could block forever or never end."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or
+                stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise UserError(f"{what} {path} is {kind}; qwen-ft reads data only from regular files",
+                        "Save the data to a .jsonl/.json/.csv/.parquet file and pass that file.")
+
+
+BOMS = {b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16", b"\xff\xfe\x00\x00": "UTF-32"}
+
+
+def _encoding_problem(path: Path) -> str | None:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    for bom, name in sorted(BOMS.items(), key=lambda kv: -len(kv[0])):
+        if head.startswith(bom):
+            return f"{path} is encoded as {name}, not UTF-8"
+    return None
+
+
 def _read_file(path: Path) -> list[dict]:
     import pandas as pd
 
@@ -56,11 +81,14 @@ def _read_file(path: Path) -> list[dict]:
     if fmt is None:
         raise UserError(f"unknown data format '{path.suffix or '(no suffix)'}' for {path}",
                         f"Use one of: {', '.join(FORMATS)}.")
+    if fmt != "parquet" and (problem := _encoding_problem(path)):
+        raise UserError(problem, "Save the file as UTF-8 (a UTF-8 byte-order mark is fine).")
     try:
         if fmt == "jsonl":
             records = []
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:  # -sig: a UTF-8 byte-order mark is not part of line 1
                 for n, line in enumerate(f, 1):
+                    line = line.lstrip("\ufeff")  # files joined with `cat` carry a BOM mid-file too
                     if line.strip():
                         try:
                             rec = json.loads(line)
@@ -71,7 +99,7 @@ def _read_file(path: Path) -> list[dict]:
                         records.append(rec)
             return records
         if fmt == "json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
             if isinstance(data, dict):  # {"data": [...]} or column-oriented
                 data = data.get("data", data.get("rows", data))
             if isinstance(data, dict):
@@ -79,7 +107,7 @@ def _read_file(path: Path) -> list[dict]:
             if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
                 raise UserError(f"{path} must hold a list of objects (or use .jsonl, one object per line)")
             return data
-        frame = pd.read_csv(path) if fmt == "csv" else pd.read_parquet(path)
+        frame = pd.read_csv(path, encoding="utf-8-sig") if fmt == "csv" else pd.read_parquet(path)
     except UserError:
         raise
     except (OSError, UnicodeDecodeError, ValueError, json.JSONDecodeError) as e:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,12 +23,14 @@ from qwen_ft.errors import UserError
 from qwen_ft.models import (
     DTYPES,
     check_adapter_matches,
+    load_adapter,
     load_config,
     load_model,
     load_tokenizer,
+    require_trust,
     resolve_model,
 )
-from qwen_ft.runs import RunDir, write_json
+from qwen_ft.runs import MERGE_MARKER, WRITER, RunDir, claim_output, plan_output, write_json
 from qwen_ft.scoring import left_pad
 from qwen_ft.tasks import Task
 
@@ -52,22 +53,46 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
     return float((a - b).abs()[keep].max())
 
 
+def _run_config(run: RunDir) -> TrainConfig:
+    path = run / "config.yaml"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"run folder {run.path} has no config.yaml", "Pass a run folder written by `qwen-ft train`.") \
+            from None
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"{path} is not valid YAML: {e}", "Restore the run's config.yaml, or retrain.") from None
+    return TrainConfig.from_dict(data, str(path))
+
+
 def merge_run(run_path: str | os.PathLike, output_dir: str | os.PathLike, dtype: str = "auto",
-              verify_samples: int = 4, tolerance: float = 1e-3, overwrite: bool = False) -> dict:
-    """Write the merged model of a finished run to `output_dir`; returns the verification report."""
-    run = RunDir(run_path).require_complete()
-    out = Path(output_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--output-dir {out} is not empty", "Pass --overwrite to replace it, or choose another folder.")
+              verify_samples: int = 4, tolerance: float = 1e-3, overwrite: bool = False,
+              trust_remote_code: bool = False) -> dict:
+    """Write the merged model of a finished run to `output_dir`; returns the verification report.
+
+    The output is built in a hidden staging folder beside `output_dir` and moved into place only once it is
+    verified; --overwrite replaces only a merged folder written by qwen-ft, never the run or anything holding it.
+    Remote code runs only with `trust_remote_code` (the command's flag), never because the run recorded it.
+    """
     if dtype not in ("auto", *DTYPES):
         raise UserError(f"--dtype must be auto, {', '.join(DTYPES)} (got {dtype})")
-    cfg = TrainConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text()), "config.yaml")
+    run = RunDir(run_path).require_complete()
+    cfg = _run_config(run)
+    plan = plan_output(output_dir, overwrite=overwrite, marker=MERGE_MARKER, stage_new=True,
+                       inputs={"--model-path": run.path, "base model": cfg.model.model})
+    require_trust(run.path, cfg.model.trust_remote_code, trust_remote_code)
     base = resolve_model(cfg.model.model)
-    base_config = load_config(base, cfg.model.trust_remote_code)
+    with claim_output(plan, keep_failed=False):
+        return _merge(run, cfg, base, plan.work, plan.target, dtype, verify_samples, tolerance, trust_remote_code)
+
+
+def _merge(run: RunDir, cfg: TrainConfig, base: str, tmp: Path, out: Path, dtype: str, verify_samples: int,
+           tolerance: float, trust_remote_code: bool) -> dict:
+    base_config = load_config(base, trust_remote_code)
     check_adapter_matches(run.path, base_config)
     save_dtype = DTYPES[dtype] if dtype != "auto" else _config_dtype(base_config)
 
-    tokenizer = load_tokenizer(str(run.path), cfg.model.trust_remote_code, padding_side="left")
+    tokenizer = load_tokenizer(str(run.path), trust_remote_code, padding_side="left")
     encoder = PromptEncoder(tokenizer, Task.from_mapping(run.label_mapping()), cfg.model.max_length)
     rows = (run.split("validation") or run.split("train"))[:verify_samples]
     if not rows:
@@ -76,10 +101,8 @@ def merge_run(run_path: str | os.PathLike, output_dir: str | os.PathLike, dtype:
                          dist.device())
     batch = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
 
-    from peft import PeftModel
-
-    model = load_model(base, torch.float32, dist.device(), cfg.model.attn_implementation, cfg.model.trust_remote_code)
-    model = PeftModel.from_pretrained(model, str(run.path)).eval()
+    model = load_model(base, torch.float32, dist.device(), cfg.model.attn_implementation, trust_remote_code)
+    model = load_adapter(model, run.path, merge=False).eval()
     reference = _logits(model, batch)
     merged = model.merge_and_unload().eval()
     scale = max(1.0, float(reference.abs().max()))
@@ -94,30 +117,23 @@ def merge_run(run_path: str | os.PathLike, output_dir: str | os.PathLike, dtype:
                             f"(allowed {tolerance * scale:.3e}) on {len(rows)} prompts of {run.path}",
                             "The merged model was not saved. Check the adapter and the base model version.")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        merged.to(save_dtype).save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        for name in COPIED:
-            if (run / name).is_file():
-                shutil.copy2(run / name, tmp / name)
-        del merged, model
-        if save_dtype == torch.float32:
-            reloaded = load_model(str(tmp), torch.float32, dist.device(), cfg.model.attn_implementation,
-                                  cfg.model.trust_remote_code).eval()
-            saved_diff = _max_diff(_logits(reloaded, batch), reference, mask)
-            del reloaded
-            report["saved_vs_adapter_max_abs_diff"] = saved_diff
-            if not saved_diff <= tolerance * scale:
-                raise MergeMismatch(f"the saved merged model's logits differ from base+adapter logits by "
-                                    f"{saved_diff:.3e} (allowed {tolerance * scale:.3e})")
-        write_json(tmp / "merge.json", report)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True, exist_ok=True)
+    merged.to(save_dtype).save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    for name in COPIED:
+        if (run / name).is_file():
+            shutil.copy2(run / name, tmp / name)
+    del merged, model
+    if save_dtype == torch.float32:
+        reloaded = load_model(str(tmp), torch.float32, dist.device(), cfg.model.attn_implementation,
+                              trust_remote_code).eval()
+        saved_diff = _max_diff(_logits(reloaded, batch), reference, mask)
+        del reloaded
+        report["saved_vs_adapter_max_abs_diff"] = saved_diff
+        if not saved_diff <= tolerance * scale:
+            raise MergeMismatch(f"the saved merged model's logits differ from base+adapter logits by "
+                                f"{saved_diff:.3e} (allowed {tolerance * scale:.3e})")
+    write_json(tmp / MERGE_MARKER, {"written_by": WRITER, **report})  # last: it marks a whole merged folder
     log.info("merged model (%s) written to %s", report["dtype"], out)
     return report
 
