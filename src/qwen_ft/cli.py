@@ -75,7 +75,6 @@ def quiet_libraries(debug: bool) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
 
-def build_parser() -> argparse.ArgumentParser:
 class Parser(argparse.ArgumentParser):
     """No abbreviated flags (`--mode` must never be taken for `--model`), for every subcommand too."""
 
@@ -90,6 +89,7 @@ class Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="qwen-ft", description="LoRA-fine-tune a causal LM to generate a category label or an answer letter.")
     parser.add_argument("--debug", action="store_true", help="Show tracebacks.")
@@ -117,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    finally:
     except Exception as e:
         if debug:
             raise
@@ -132,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"{name}: error: {error.message}", file=sys.stderr)
         return 2
+    finally:
         logging.shutdown()
     return 0
 

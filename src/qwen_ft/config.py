@@ -144,12 +144,6 @@ class TrainConfig:
         p.check(0 <= da.test_fraction < 1, f"--test-fraction must be in [0, 1) (got {da.test_fraction})")
         p.check(da.val_fraction + da.test_fraction < 0.9, "--val-fraction + --test-fraction must leave >= 10% for training")
         p.check(tr.gpu_id is None or tr.gpu_id >= 0, f"--gpu-id must be >= 0 (got {tr.gpu_id})")
-        p.raise_if_any()
-
-
-# ----------------------------------------------------------------------------- presets
-
-@dataclass(frozen=True)
         p.check(0 <= tr.seed < 2**32, f"--seed must be in [0, 2**32) (got {tr.seed}): numpy and the data split "
                 "take only non-negative 32-bit seeds")
         p.check(mo.max_length <= 1_000_000, f"--max-length must be <= 1000000 (got {mo.max_length})")
@@ -161,10 +155,10 @@ class TrainConfig:
         p.check(mo.attn_implementation in (None, *ATTENTION), f"--attn-implementation {mo.attn_implementation!r} "
                 f"is not an attention kernel" + _did_you_mean(mo.attn_implementation or "", ATTENTION)
                 + f"; known: {', '.join(ATTENTION)}")
-class Preset:
-    name: str
-    max_params: float
-    values: dict
+        p.raise_if_any()
+
+
+# ----------------------------------------------------------------------------- presets
 
 # transformers schedules that need no extra arguments (cosine_with_min_lr & co. need lr_scheduler_kwargs)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -177,6 +171,12 @@ def _did_you_mean(value: str, known) -> str:
     close = difflib.get_close_matches(str(value), list(known), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    max_params: float
+    values: dict
 
 
 # From the seed guide's table (0.6B / 1.7B / 7B+); the "tiny" row is ours, for sub-0.5B models on CPU:
@@ -236,12 +236,6 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def build(cls, data: dict, where: str = "config", _sections_of_parent: dict | None = None):
-    """Build a (nested) config dataclass from a nested dict, rejecting unknown keys with a suggestion."""
-    data = data or {}
-    if not isinstance(data, dict):
-        raise UserError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = _sections(cls)
 def _number(value: Any, tp: type, where: str) -> int | float:
     """An int or a finite float from a number or its text; '3', '3.0' and '1e3' are whole numbers, '0.5' is not."""
     number = None
@@ -264,6 +258,12 @@ def _number(value: Any, tp: type, where: str) -> int | float:
     return int(number)
 
 
+def build(cls, data: dict, where: str = "config", _sections_of_parent: dict | None = None):
+    """Build a (nested) config dataclass from a nested dict, rejecting unknown keys with a suggestion."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = _sections(cls)
     p = Problems()
     for key in data:
         if key not in hints:
@@ -388,18 +388,18 @@ def coerce_layer(layer: dict[str, Any], where, cls=None) -> dict[str, Any]:
     for key, value in layer.items():
         if key not in types or value is None:
             out[key] = value
-    return out
-
-
-def resolve(cls, layers: list[dict[str, Any]], where: str = "config", check: bool = True):
-    """Merge flat dotted-key layers (lowest precedence first) on top of the defaults and validate."""
-    merged = flatten(dataclasses.asdict(cls()))
             continue
         try:
             out[key] = _coerce(value, types[key], where(key))
         except UserError as e:
             p.add(e.problems[0], HINTS.get(key))
     p.raise_if_any()
+    return out
+
+
+def resolve(cls, layers: list[dict[str, Any]], where: str = "config", check: bool = True):
+    """Merge flat dotted-key layers (lowest precedence first) on top of the defaults and validate."""
+    merged = flatten(dataclasses.asdict(cls()))
     for layer in layers:
         merged.update({k: v for k, v in layer.items()})
     cfg = build(cls, unflatten(merged), where)
