@@ -18,7 +18,8 @@ from qwen_ft import distributed as dist
 from qwen_ft.config import TrainConfig, coerce_layer, env_overrides, flag_for, flatten, load_yaml
 from qwen_ft.errors import UserError, from_os_error
 
-COMMANDS = {"train": "train", "validate": "validate", "test": "predict", "merge": "merge", "study": "study"}
+COMMANDS = {"train": "train", "validate": "validate", "test": "predict", "merge": "merge", "study": "study",
+            "predict": "predict_file", "serve": "serve"}
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
