@@ -106,7 +106,7 @@ def test_presets_by_parameter_count():
 
 def test_precedence_preset_yaml_cli(tiny_qwen3, tmp_path, monkeypatch):
     from qwen_ft.cli import build_parser, user_layers
-    from qwen_ft.commands.train import resolve_config
+    from qwen_ft.training import resolve_config
 
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("lora:\n  rank: 4\n  alpha: 8\ntrain:\n  epochs: 2\n  batch_size: 3\n")

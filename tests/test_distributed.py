@@ -143,7 +143,7 @@ LAUNCHER = """
 """
 
 FAIL_ON_RANK_1 = """
-    from qwen_ft.commands import train
+    from qwen_ft import training as train
     from qwen_ft.errors import UserError
 
     if os.environ["RANK"] == "1":  # rank 1 meets a bad batch at its second step; rank 0 waits in all-reduce
@@ -161,7 +161,7 @@ FAIL_ON_RANK_1 = """
 SIGTERM_ON_RANK_1 = """
     import signal
 
-    from qwen_ft.commands import train
+    from qwen_ft import training as train
 
     if os.environ["RANK"] == "1":  # only rank 1 is told to stop, in the middle of its second step
         real, calls = train.answer_loss, []

@@ -101,6 +101,11 @@ class TrainArgs:
     max_steps: int | None = arg(None, "Stop after N optimizer steps (overrides epochs for the schedule).", "--max-steps")
     logging_steps: int = arg(1, "Log train loss every N steps.", "--logging-steps")
     torch_compile: bool = arg(False, "Compile the model with torch.compile.", "--torch-compile")
+    eval_steps: int | None = arg(None, "Evaluate (validation loss, checkpoint selection, early stopping) every N "
+                                 "optimizer steps instead of every epoch.", "--eval-steps")
+    report_to: str = arg("none", "Experiment tracking: none, tensorboard (event files in RUN/tensorboard), mlflow "
+                         "(file store in RUN/mlruns unless MLFLOW_TRACKING_URI is set), trackio, wandb.",
+                         "--report-to", ("none", "tensorboard", "mlflow", "trackio", "wandb"))
 
 
 @dataclass
@@ -135,6 +140,7 @@ class TrainConfig:
         p.check(tr.early_stopping_patience >= 0, f"--early-stopping-patience must be >= 0 (got {tr.early_stopping_patience})")
         p.check(tr.max_steps is None or tr.max_steps > 0, f"--max-steps must be > 0 (got {tr.max_steps})")
         p.check(tr.save_steps is None or tr.save_steps > 0, f"--save-steps must be > 0 (got {tr.save_steps})")
+        p.check(tr.eval_steps is None or tr.eval_steps > 0, f"--eval-steps must be > 0 (got {tr.eval_steps})")
         p.check(tr.logging_steps > 0, f"--logging-steps must be > 0 (got {tr.logging_steps})")
         p.check(mo.max_length >= 32, f"--max-length must be >= 32 (got {mo.max_length})")
         for name in ("max_samples_per_category", "max_samples", "max_validation_samples"):

@@ -1,4 +1,7 @@
-"""Trainer wiring: answer-only loss on the last positions, length-grouped dynamic batches, callbacks.
+"""The training library: `train(config) -> RunResult`, the one function that `qwen-ft train`, the seed
+script, torchrun/accelerate launches and every study trial call.
+
+config -> model + LoRA -> Trainer (1..N processes) -> run folder (see runs.py for its layout).
 
 Speed: batches are left-padded, so every row's answer sits at its end, and the model computes logits
 only for the last K+1 positions (`logits_to_keep`) instead of every position x the whole vocabulary.
@@ -6,23 +9,57 @@ only for the last K+1 positions (`logits_to_keep`) instead of every position x t
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
-import math
-import signal
+import os
+import re
+import shutil
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from qwen_ft import distributed as dist
-from qwen_ft.encoding import IGNORE
-from qwen_ft.errors import TrainingDiverged
-from qwen_ft.runs import last_good_checkpoint, read_jsonl_tolerant
+from qwen_ft import optimizers
+from qwen_ft.callbacks import (
+    CheckpointTriggers,
+    DivergenceGuard,
+    EpochMetrics,
+    StepTimer,
+    strip_default_printing,
+)
+from qwen_ft.config import TrainConfig, config_hash, preset_for, resolve, save_yaml
+from qwen_ft.data.prepare import Prepared, prepare
+from qwen_ft.data.sources import is_hub
+from qwen_ft.encoding import IGNORE, PromptEncoder
+from qwen_ft.errors import Problems, UserError
+from qwen_ft.models import (
+    apply_lora,
+    base_shape,
+    count_parameters,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
+from qwen_ft.precision import resolve_precision
+from qwen_ft.runs import (
+    RunDir,
+    env_info,
+    prepare_output_dir,
+    read_jsonl_tolerant,
+    remove_torn_checkpoints,
+    staged_dir,
+    write_json,
+    write_jsonl,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +123,20 @@ class SeededLengthGroupedSampler(LengthGroupedSampler):
 
 
 class SeededTrainer(Trainer):
-    """Trainer whose length-grouped data order depends only on the seed and the epoch (exact resume)."""
+    """Trainer whose length-grouped data order depends only on the seed and the epoch (exact resume), and
+    whose optimizer comes from qwen-ft's registry (`optimizers.build`: LoRA+ and Muon need the model)."""
+
+    def __init__(self, *args, optim_args=None, **kwargs):
+        self.optim_args = optim_args
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.optim_args is not None:
+            o = self.optim_args
+            self.optimizer = optimizers.build(o.optimizer, model or self.model, o.learning_rate, o.weight_decay,
+                                              o.kwargs)
+            return self.optimizer
+        return super().create_optimizer(model) if model is not None else super().create_optimizer()
 
     def _get_train_sampler(self, train_dataset=None):
         ds = train_dataset if train_dataset is not None else self.train_dataset
@@ -98,160 +148,356 @@ class SeededTrainer(Trainer):
                                           list(ds[column]), seed)
 
 
-# ----------------------------------------------------------------------------- callbacks
-
-class QuietProgress(ProgressCallback):
-    """The step progress bar without a dict printed on every log."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        pass
 
 
-class EpochMetrics(TrainerCallback):
-    """metrics.jsonl (a line per step and per epoch), one readable line per epoch, overfit warning."""
+# ----------------------------------------------------------------------------- configuration
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.epoch_steps: list[dict] = []
-        self.history: list[dict] = []
-        self.t0 = time.time()
+@dataclasses.dataclass
+class Resolved:
+    config: TrainConfig
+    model_path: str
+    n_params: int
+    preset: str
+    base_shape: dict
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        # On resume, keep what was logged up to the checkpoint and rebuild the current epoch's steps.
-        kept = []
-        if state.global_step > 0:  # a line torn by SIGKILL, and lines logged after the checkpoint, go
-            kept = [r for r in read_jsonl_tolerant(self.path)
-                    if r.get("step", 0) <= state.global_step and r.get("type") in ("step", "epoch")]
-        self.history = [r for r in kept if r["type"] == "epoch"]
-        done = self.history[-1]["step"] if self.history else 0
-        self.epoch_steps = [r for r in kept if r["type"] == "step" and r["step"] > done]
-        if dist.is_main():
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self.t0 = time.time()
 
-    def _write(self, record: dict) -> None:
-        if dist.is_main():
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+def resolve_config(cfg: TrainConfig | dict) -> Resolved:
+    """Fill what the user left unset (None) from the model-size preset; every problem reported at once,
+    before anything heavy. The preset is picked from the model's counted parameters (config only).
+    `cfg` may also be the command line's flat layers ({"lora.rank": 8, ...}: YAML < env < flags)."""
+    p = Problems()
+    cfg = resolve(TrainConfig, [cfg], check=False) if isinstance(cfg, dict) else copy.deepcopy(cfg)
+    p.attempt(cfg.validate)
+    model_path = p.attempt(resolve_model, cfg.model.model)
+    mconf = p.attempt(load_config, model_path, cfg.model.trust_remote_code) if model_path else None
+    n_params = p.attempt(_count_parameters, mconf, model_path) if mconf is not None else None
+    o = cfg.optim
+    if n_params is None:  # no preset without a model: check the optimizer alone
+        p.attempt(optimizers.check, o.optimizer, o.kwargs)
+        p.raise_if_any()
+    preset = preset_for(n_params)
+    for key, value in preset.values.items():
+        section, name = key.split(".")
+        if name == "learning_rate":
+            continue
+        if getattr(getattr(cfg, section), name) is None:
+            setattr(getattr(cfg, section), name, value)
+    if o.learning_rate is None:  # Adam-family: the preset's lr; others: their own default
+        o.learning_rate = p.attempt(optimizers.default_lr, o.optimizer, preset.values["optim.learning_rate"])
+    p.attempt(optimizers.check, o.optimizer, o.kwargs)
+    p.raise_if_any()
+    cfg.train.output_dir = cfg.train.output_dir or default_output_dir(cfg)
+    return Resolved(cfg, model_path, n_params, preset.name, base_shape(mconf))
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "loss" not in logs:
-            return
-        record = {"type": "step", "step": state.global_step, "epoch": round(state.epoch or 0, 4),
-                  "loss": logs["loss"], "grad_norm": logs.get("grad_norm"), "lr": logs.get("learning_rate")}
-        self.epoch_steps.append(record)
-        self._write(record)
-        every = max(1, state.max_steps // 20)
-        if args.disable_tqdm and dist.is_main() and (state.global_step % every == 0 or state.global_step == 1):
-            elapsed = time.time() - self.t0
-            log.info("  step %d/%d  loss %.4f  (%.1fs elapsed)", state.global_step, state.max_steps, logs["loss"],
-                     elapsed)
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if not metrics or "eval_loss" not in metrics or not self.epoch_steps:
-            return
-        steps = self.epoch_steps
-        grads = [s["grad_norm"] for s in steps if s["grad_norm"] is not None]
-        record = {
-            "type": "epoch", "epoch": round(state.epoch or 0), "step": state.global_step,
-            "train_loss": sum(s["loss"] for s in steps) / len(steps),
-            "val_loss": metrics["eval_loss"],
-            "grad_norm": sum(grads) / len(grads) if grads else None,
-            "lr": steps[-1]["lr"],
+def default_output_dir(cfg: TrainConfig) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{Path(cfg.model.model).name}-{Path(cfg.data.data).stem}")
+    return f"runs/{slug}"
+
+
+def _count_parameters(mconf, model_path: str) -> int:
+    try:
+        return count_parameters(mconf)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{model_path} is not a causal language model ({type(mconf).__name__}): {e}",
+                        "Pass a decoder-only model such as Qwen/Qwen3-0.6B.") from None
+
+
+def check_inputs(cfg: TrainConfig | dict, resume: bool, overwrite: bool, prepared: Prepared | None = None
+                 ) -> tuple[Resolved, Prepared, str]:
+    """Flags, model, data and output folder checked together: every problem in one report, nothing written."""
+    if isinstance(cfg, dict):
+        cfg = resolve(TrainConfig, [cfg], check=False)
+    p = Problems()
+    r = p.attempt(resolve_config, cfg)
+    if prepared is None and (not p or not (is_hub(cfg.data.data) or is_hub(cfg.data.validation_data))):
+        # local data is cheap to check alongside; a hub download waits until everything else is right
+        prepared = p.attempt(prepare, (r.config if r else cfg).data, cfg.train.seed)
+    out = Path(r.config.train.output_dir if r else cfg.train.output_dir or default_output_dir(cfg))
+    mode = p.attempt(prepare_output_dir, out, resume, overwrite)
+    if mode == "resume" and r is not None:
+        saved = (out / "config.hash").read_text().strip() if (out / "config.hash").is_file() else None
+        p.check(saved == config_hash(r.config), f"--resume: the config differs from the unfinished run in {out}; "
+                f"use the same flags as before (see {out / 'config.yaml'}), or --overwrite")
+    p.raise_if_any()
+    return r, prepared, mode
+
+
+# ----------------------------------------------------------------------------- the training function
+
+@dataclasses.dataclass
+class RunResult:
+    """What a training run produced. `model` is the trained PEFT model in memory (the best evaluation's
+    adapter restored), so that a caller such as a study trial can score it without reloading."""
+
+    path: Path
+    config: TrainConfig
+    model: Any
+    tokenizer: Any
+    encoder: PromptEncoder
+    prepared: Prepared
+    steps: int
+    best_step: int | None
+    best_val_loss: float | None
+    epochs_run: float
+    train_seconds: float  # wall time of trainer.train (evaluations and checkpoints included)
+    step_seconds: float  # optimizer steps alone
+    optimizer_state_bytes: int
+    final: dict
+
+
+def train(cfg: TrainConfig | dict, *, resume: bool = False, overwrite: bool = False, base_model=None,
+          prepared: Prepared | None = None, callbacks: tuple = (), model_hook=None,
+          encode_cache: dict | None = None) -> RunResult:
+    """Train one LoRA run into `cfg.train.output_dir`.
+
+    base_model: an already loaded base model (fp32, CPU) to copy instead of loading it from disk: a study
+    runs many trials in one process with the base loaded once; a copy of the same weights and the same
+    seed give the same run as a fresh process. prepared: splits already prepared (the study's).
+    encode_cache: a dict kept by the caller, so that a split is tokenized once for many runs.
+    """
+    if isinstance(cfg, dict):
+        cfg = resolve(TrainConfig, [cfg], check=False)
+    dist.select_gpu(cfg.train.gpu_id)
+    r, prepared, mode = check_inputs(cfg, resume, overwrite, prepared)  # before any model loads or folder is written
+    cfg = r.config
+    out = Path(cfg.train.output_dir)
+    run = RunDir(out)
+
+    dist.init()
+    precision = resolve_precision(cfg.model.precision)
+    world = dist.world_size()
+    global_batch = cfg.train.batch_size * world * cfg.train.grad_accum
+    if dist.is_main():
+        log.info("qwen-ft train: %s (%s params, preset %s), %s", cfg.model.model, f"{r.n_params / 1e6:.1f}M",
+                 r.preset, prepared.summary())
+        log.info("batch: %d per device x %d processes x %d grad-accum = %d global; precision %s",
+                 cfg.train.batch_size, world, cfg.train.grad_accum, global_batch, precision)
+        log.info("resolved config:\n%s", _indent(cfg))
+
+    tokenizer = load_tokenizer(r.model_path, cfg.model.trust_remote_code)
+    encoder = PromptEncoder(tokenizer, prepared.task, cfg.model.max_length)
+    train_ds, n_trunc_train = _encoded(encoder, prepared, "train", encode_cache)
+    val_ds, n_trunc_val = _encoded(encoder, prepared, "validation", encode_cache)
+    n_truncated = n_trunc_train + n_trunc_val
+    if n_truncated and dist.is_main():
+        log.warning("%d of %d prompts were longer than --max-length %d: their question text was truncated "
+                    "(the instruction and the answer are kept whole)", n_truncated, len(train_ds) + len(val_ds),
+                    cfg.model.max_length)
+
+    torch.manual_seed(cfg.train.seed)
+    if base_model is not None:
+        model = copy.deepcopy(base_model)
+    else:
+        model = load_model(r.model_path, torch.float32, "cpu", cfg.model.attn_implementation,
+                           cfg.model.trust_remote_code)
+    model.config.use_cache = False
+    model = apply_lora(model, cfg.lora, cfg.model.gradient_checkpointing)
+    if model_hook is not None:
+        model = model_hook(model)
+
+    checkpoint = None
+    if dist.is_main():  # only now, with every input accepted, is the run folder touched
+        if mode == "resume":
+            checkpoint = run.last_checkpoint()
+            for torn in remove_torn_checkpoints(run.checkpoints, checkpoint):
+                log.warning("removed %s: it was cut short when the run was killed", torn)
+            log.info("resuming from %s", checkpoint or "the start (no checkpoint had been saved)")
+        else:
+            _write_run_start(run, r, prepared, precision, world, global_batch, n_truncated)
+    dist.barrier()
+    if mode == "resume" and not dist.is_main():
+        checkpoint = run.last_checkpoint()
+
+    timer = StepTimer()
+    trainer = _build_trainer(cfg, run, model, tokenizer, train_ds, val_ds, precision, [timer, *callbacks])
+    triggers = next(c for c in trainer.callback_handler.callbacks if isinstance(c, CheckpointTriggers))
+    t0 = time.time()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_time = time.time() - t0
+    if triggers.signal is not None and trainer.state.global_step < trainer.state.max_steps:
+        raise UserError(f"training interrupted at step {trainer.state.global_step}; a checkpoint was saved in "
+                        f"{run.checkpoints}", "Continue with the same command plus --resume.")
+
+    per_rank = dist.gather_objects(_rank_report(trainer))
+    dist.check_replicas(per_rank)
+    best_step = _best_step(trainer)
+    state_bytes = optimizers.state_bytes(trainer.optimizer) if trainer.optimizer is not None else 0
+    trainer.save_model(str(out))  # on every rank: FSDP / ZeRO-3 gather the sharded adapter here
+    final = {}
+    if dist.is_main():
+        (out / "training_args.bin").unlink(missing_ok=True)
+        tokenizer.save_pretrained(out)
+        if world > 1:
+            log.info("%d processes (%s): model wrapped in %s, %s optimizer steps per rank, adapters %s across "
+                     "ranks", world, dist.backend(), per_rank[0]["model_wrapper"],
+                     "/".join(str(p["steps"]) for p in per_rank),
+                     "identical" if per_rank[0]["adapter_sha256"] else "sharded (not compared)")
+        epochs_run = trainer.state.epoch or 0
+        tokens = sum(train_ds["length"]) * epochs_run
+        final = {
+            "type": "final", "step": trainer.state.global_step, "epochs_run": round(epochs_run, 4),
+            "best_val_loss": trainer.state.best_metric, "best_step": best_step,
+            "train_time_s": round(train_time, 2), "step_time_s": round(timer.seconds, 3),
+            "train_samples_per_s": round(len(train_ds) * epochs_run / train_time, 3),
+            "train_tokens_per_s": round(tokens / train_time, 1), "train_loss": _mean_step_loss(out / "metrics.jsonl"),
+            "optimizer_state_bytes": state_bytes,
+            "world_size": world, "global_batch": global_batch, **dist.max_memory(per_rank), "per_rank": per_rank,
         }
-        self.history.append(record)
-        self.epoch_steps = []
-        self._write(record)
-        if dist.is_main():
-            gn = f", grad_norm={record['grad_norm']:.3f}" if record["grad_norm"] is not None else ""
-            log.info("Epoch %d: train_loss=%.4f, val_loss=%.4f%s, lr=%.2e", record["epoch"], record["train_loss"],
-                     record["val_loss"], gn, record["lr"] or 0.0)
-            if len(self.history) >= 2:
-                prev, cur = self.history[-2], self.history[-1]
-                if cur["val_loss"] > prev["val_loss"] and cur["train_loss"] < prev["train_loss"]:
-                    log.warning("WARNING: validation loss rose (%.4f -> %.4f) while training loss fell: overfitting. "
-                                "Early stopping will restore the best epoch; consider fewer --epochs, a higher "
-                                "--lora-dropout or --weight-decay.", prev["val_loss"], cur["val_loss"])
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(final) + "\n")
+        run.mark_complete({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "config_hash": config_hash(cfg),
+                           **{k: final[k] for k in ("epochs_run", "best_val_loss", "best_step", "train_time_s")}})
+        shutil.rmtree(run.checkpoints, ignore_errors=True)  # after the marker: a kill here loses nothing
+        log.info("done in %.0fs: best val_loss %.4f (step %s) after %.1f epochs; run folder %s", train_time,
+                 trainer.state.best_metric or float("nan"), best_step, epochs_run, out)
+    dist.barrier()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.eval()
+    return RunResult(path=out, config=cfg, model=model, tokenizer=tokenizer, encoder=encoder, prepared=prepared,
+                     steps=trainer.state.global_step, best_step=best_step, best_val_loss=trainer.state.best_metric,
+                     epochs_run=trainer.state.epoch or 0, train_seconds=train_time, step_seconds=timer.seconds,
+                     optimizer_state_bytes=state_bytes, final=final)
 
 
-class DivergenceGuard(TrainerCallback):
-    """Stop at the first NaN/inf gradient (checked before the optimizer step, so the weights and every
-    checkpoint stay finite) or NaN/inf logged loss, naming the step and keeping the last good checkpoint."""
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if args.fp16:  # the loss scaler expects inf gradients now and then: it skips that step and rescales
-            return
-        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None] if model else []
-        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()):
-            self._stop(args, state, "the gradient", state.global_step + 1, before_update=True)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        for key in ("loss",) if args.fp16 else ("loss", "grad_norm"):
-            value = (logs or {}).get(key)
-            if value is not None and not math.isfinite(value):
-                self._stop(args, state, f"{key} ({value})", state.global_step, before_update=False)
-
-    @staticmethod
-    def _stop(args, state, what: str, step: int, before_update: bool):
-        ckpt = last_good_checkpoint(Path(args.output_dir))
-        kept = f"The last good checkpoint is kept: {ckpt}" if ckpt else "No checkpoint had been saved yet."
-        raise TrainingDiverged(
-            f"training diverged: {what} became NaN/inf at step {step} (epoch {state.epoch or 0:.2f})"
-            + ("; stopped before the optimizer applied it" if before_update else ""),
-            f"{kept}\nTry a lower --learning-rate, full precision (--precision fp32 instead of bf16/fp16), "
-            "or gradient clipping (--max-grad-norm 1.0).")
+def _best_step(trainer) -> int | None:
+    """The optimizer step whose checkpoint was restored at the end (best validation loss)."""
+    step = getattr(trainer.state, "best_global_step", None)
+    if step:
+        return int(step)
+    ckpt = trainer.state.best_model_checkpoint
+    return int(ckpt.rsplit("-", 1)[-1]) if ckpt and ckpt.rsplit("-", 1)[-1].isdigit() else None
 
 
-class CheckpointTriggers(TrainerCallback):
-    """Checkpoint every --save-steps, and once more (then stop) on SIGTERM / SIGINT."""
+def _encoded(encoder: PromptEncoder, prepared: Prepared, split: str, cache: dict | None):
+    """(tokenized split, prompts truncated) - from `cache` when the same split was encoded the same way."""
+    from datasets import Dataset
 
-    def __init__(self, save_steps: int | None):
-        self.save_steps = save_steps
-        self.signal: int | None = None
-        self._previous = {}
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:  # second signal: give up at once
-            raise KeyboardInterrupt
-        self.signal = signum
-        log.warning("%s received: saving a checkpoint after this step, then stopping.", signal.Signals(signum).name)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.save_steps and state.global_step % self.save_steps == 0:
-            control.should_save = True
-        if dist.any_rank(self.signal is not None) and self.signal is None:  # all ranks stop at the same step
-            self.signal = signal.SIGTERM
-        if self.signal is not None and not self._at_epoch_end(state):
-            control.should_save = True
-            control.should_training_stop = True
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if self.signal is None:
-            return
-        if self._at_epoch_end(state):  # a whole epoch: evaluate and checkpoint as usual, then stop
-            control.should_training_stop = True
-        else:  # stopped mid-epoch: the step's checkpoint is saved; no evaluation of a partial epoch
-            control.should_evaluate = False
-            control.should_save = False
-
-    @staticmethod
-    def _at_epoch_end(state) -> bool:
-        return state.epoch is not None and abs(state.epoch - round(state.epoch)) < 1e-6
-
-    def on_train_end(self, args, state, control, **kwargs):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    key = (id(prepared), split, encoder.max_length, getattr(encoder.tok, "name_or_path", None))
+    if cache is not None and key in cache:
+        return cache[key]
+    before = encoder.n_truncated
+    ds = Dataset.from_list([encoder.train_example(row) for row in prepared.splits[split]])
+    value = (ds, encoder.n_truncated - before)
+    if cache is not None:
+        cache[key] = value
+    return value
 
 
-def strip_default_printing(trainer) -> None:
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    if dist.is_main() and not trainer.args.disable_tqdm:
-        trainer.add_callback(QuietProgress)
+def _mean_step_loss(metrics: Path) -> float | None:
+    """Mean logged training loss over the whole run, from metrics.jsonl, so a resumed run reports the same value
+    as an uninterrupted one (the Trainer's own figure covers only the steps since the resume)."""
+    losses = [r["loss"] for r in read_jsonl_tolerant(metrics) if r.get("type") == "step"]
+    return sum(losses) / len(losses) if losses else None
+
+
+def _rank_report(trainer) -> dict:
+    """What this rank did: its optimizer steps, how the model was wrapped, its adapter's digest, peak memory."""
+    from peft import get_peft_model_state_dict
+
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled  # local tensors are shards: no digest
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    return {"rank": dist.rank(), "steps": trainer.state.global_step,
+            "model_wrapper": type(trainer.model_wrapped).__name__,
+            "adapter_sha256": None if sharded else dist.tensors_digest(get_peft_model_state_dict(unwrapped)),
+            "gradient_checkpointing": bool(getattr(unwrapped, "is_activation_checkpointing", False)),
+            **dist.peak_memory()}
+
+
+def _indent(cfg: TrainConfig) -> str:
+    import yaml
+
+    return "\n".join("  " + line for line in yaml.safe_dump(cfg.to_dict(), sort_keys=False).splitlines())
+
+
+def _write_run_start(run: RunDir, r: Resolved, prepared: Prepared, precision: str, world: int, global_batch: int,
+                     n_truncated: int = 0):
+    """The run's inputs, staged beside the folder and moved into place whole (replacing it on --overwrite)."""
+    with staged_dir(run.path) as out:
+        save_yaml(r.config, out / "config.yaml")
+        (out / "config.hash").write_text(config_hash(r.config) + "\n")
+        write_json(out / "label_mapping.json", prepared.task.to_mapping())
+        for name, rows in prepared.splits.items():
+            write_jsonl(out / "split" / f"{name}.jsonl", rows)
+        write_json(out / "run.json", {
+            "base_model": r.config.model.model, "base_model_path": r.model_path, "n_params": r.n_params,
+            "preset": r.preset, "base_shape": r.base_shape, "precision": precision, "world_size": world,
+            "per_device_batch": r.config.train.batch_size, "global_batch": global_batch,
+            "truncated_prompts": n_truncated, "command": " ".join(sys.argv), **env_info(),
+        })
+        (out / "metrics.jsonl").write_text("")
+
+
+def _build_trainer(cfg: TrainConfig, run: RunDir, model, tokenizer, train_ds, val_ds, precision: str,
+                   extra_callbacks: list):
+    from transformers import EarlyStoppingCallback, TrainingArguments
+
+    cpu = not dist.use_cuda()
+    t, o = cfg.train, cfg.optim
+    every = {"eval_strategy": "steps", "eval_steps": t.eval_steps, "save_strategy": "steps",
+             "save_steps": t.eval_steps} if t.eval_steps else {"eval_strategy": "epoch", "save_strategy": "epoch"}
+    report_to = _tracking(t.report_to, run)
+    args = TrainingArguments(
+        output_dir=str(run.checkpoints),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or 2 * t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        learning_rate=o.learning_rate,
+        weight_decay=o.weight_decay,
+        warmup_steps=o.warmup_ratio,
+        max_grad_norm=o.max_grad_norm,
+        lr_scheduler_type=o.lr_scheduler,
+        logging_strategy="steps",
+        logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # log a NaN loss as NaN (DivergenceGuard stops on it)
+        restore_callback_states_from_checkpoint=True,  # early-stopping patience survives a resume
+        **every,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=cpu,
+        ddp_backend="gloo" if cpu and dist.world_size() > 1 else None,
+        ddp_find_unused_parameters=False,
+        train_sampling_strategy="group_by_length",
+        length_column_name="length",
+        remove_unused_columns=False,
+        prediction_loss_only=True,
+        report_to=report_to,
+        disable_tqdm=not (dist.is_main() and sys.stderr.isatty()),
+        torch_compile=t.torch_compile,
+        save_only_model=False,
+        dataloader_num_workers=0,
+    )
+    dist.require_trainer_world(args.world_size)
+    callbacks = [EpochMetrics(run / "metrics.jsonl"), DivergenceGuard(), CheckpointTriggers(t.save_steps),
+                 optimizers.OptimizerModeCallback(), *extra_callbacks]
+    if t.early_stopping_patience > 0:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
+    trainer = SeededTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+        data_collator=LeftPadCollator(tokenizer.pad_token_id, 8 if not cpu else None),
+        compute_loss_func=answer_loss, callbacks=callbacks, optim_args=o,
+    )
+    strip_default_printing(trainer)
+    return trainer
+
+
+def _tracking(report_to: str, run: RunDir) -> str:
+    """`report_to` for the Trainer. Local by default: TensorBoard event files (RUN/tensorboard) and MLflow's
+    file store (RUN/mlruns) live inside the run folder unless MLFLOW_TRACKING_URI points elsewhere; nothing
+    goes online unless the user chose an online tracker."""
+    if report_to == "tensorboard":  # transformers 5 reads the folder from this variable, per Trainer
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str((run.path / "tensorboard").resolve())
+    if report_to == "mlflow" and not _USER_MLFLOW_URI:
+        os.environ["MLFLOW_TRACKING_URI"] = (run.path / "mlruns").resolve().as_uri()
+    return report_to
+
+
+_USER_MLFLOW_URI = os.environ.get("MLFLOW_TRACKING_URI")
