@@ -1,19 +1,16 @@
-"""The optimizer registry, where the seed's README says to add an optimizer (`utils/optimizers.py`).
+"""The optimizers, where the seed's README says to look for them (`utils/optimizers.py`).
 
-The registry itself lives in `qwen_ft.optimizers` and is re-exported here. To add an optimizer, either
+The code lives in `qwen_ft.optimizers` and is re-exported here. Nothing needs registering: name an
+optimizer in the study YAML or with `qwen-ft train --optimizer NAME`, either a shipped entry (listed by
+running this file) or any torch.optim / pytorch_optimizer optimizer class:
 
-1. add one line there (or here, before the study runs), e.g.
+    optimizers:
+      lion: {}                                              # a shipped entry
+      my_adagrad: {optimizer: torch.optim.Adagrad, learning_rate: 0.01, kwargs: {lr_decay: 0.0}}
 
-       register("lion", "pytorch_optimizer.Lion", 1e-4, betas=(0.9, 0.99))
-
-   then list it in the study config: `optimizers: {lion: {}}`; or
-2. name it in the study YAML only - no code at all:
-
-       optimizers:
-         adagrad: {target: torch.optim.Adagrad, lr: 0.01, kwargs: {lr_decay: 0.0}}
-
-Either way the keyword arguments are checked against the class: an unknown one is an error, with a
-suggestion. `qwen-ft train --optimizer NAME` uses the same registry.
+Keyword arguments are checked against the class: an unknown one is an error, with a suggestion, and
+`lr` / `weight_decay` belong in learning_rate / weight_decay. Only torch.optim and pytorch_optimizer are
+ever imported from a name. A new shipped entry (with its default lr and why) is one line in SHIPPED there.
 """
 
 import sys
@@ -21,10 +18,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs from a plain checkout too
 
-from qwen_ft.optimizers import REGISTRY, check_kwargs, from_yaml, get, register, resolve  # noqa: E402
+from qwen_ft.optimizers import (  # noqa: E402
+    SHIPPED,
+    OptimizerModeCallback,
+    OptimizerSpec,
+    adabound_bounds,
+    build,
+    check,
+    default_lr,
+    eval_mode,
+    get,
+    state_bytes,
+)
 
-__all__ = ["REGISTRY", "check_kwargs", "from_yaml", "get", "register", "resolve"]
+__all__ = ["SHIPPED", "OptimizerModeCallback", "OptimizerSpec", "adabound_bounds", "build", "check", "default_lr",
+           "eval_mode", "get", "state_bytes"]
 
 if __name__ == "__main__":
-    for name, spec in sorted(REGISTRY.items()):
-        print(f"{name:10s} {spec.target:32s} default lr {spec.default_lr:g}  {spec.defaults}")
+    for name, spec in SHIPPED.items():
+        lr = f"{spec.default_lr:g}" + (" (or the size preset's)" if spec.uses_preset_lr else "")
+        print(f"{name:19s} {spec.cls_path:37s} {spec.kind:12s} lr {lr:25s} {dict(spec.defaults)}")
