@@ -85,6 +85,7 @@ class Classifier:
             load_config,
             load_model,
             load_tokenizer,
+            require_trust,
             resolve_model,
         )
         from qwen_ft.precision import inference_dtype, resolve_precision
@@ -101,9 +102,7 @@ class Classifier:
         if not (folder / "config.yaml").is_file():
             raise UserError(f"{folder} has no config.yaml", "Pass a run folder or a folder written by qwen-ft merge.")
         cfg = TrainConfig.from_dict(yaml.safe_load((folder / "config.yaml").read_text()), "config.yaml")
-        if cfg.model.trust_remote_code and not trust_remote_code:
-            raise UserError(f"{folder} was trained with trust_remote_code: loading it runs code from the model "
-                            "repository", "Pass --trust-remote-code if you trust that code.")
+        require_trust(folder, cfg.model.trust_remote_code, trust_remote_code)
         prec = resolve_precision(precision)
         dtype = inference_dtype(prec)
         if merged:
@@ -116,7 +115,7 @@ class Classifier:
             if adapter:
                 model = load_adapter(model, folder, merge=True)
         tokenizer = load_tokenizer(str(folder), trust_remote_code, padding_side="left")
-        mapping = json.loads((folder / "label_mapping.json").read_text())
+        mapping = RunDir(folder).label_mapping()  # checked (shape, and labels against the run's splits)
         encoder = PromptEncoder(tokenizer, Task.from_mapping(mapping), cfg.model.max_length)
         info = {"model_path": str(folder), "kind": "merged" if merged else "run", "base_model": model_path,
                 "adapter": adapter, "precision": prec}
@@ -176,10 +175,10 @@ class Classifier:
         return [{"question": "a"}, {"question": "b"}]
 
     # ------------------------------------------------------------------ classify
-    def plan(self, rows: list[dict], batch_size: int) -> tuple[list[list[int]], list[list[int]]]:
-        """Prompt ids, and row indices batched by length (less padding; fewer rows when they are long)."""
-        prompts = [self.encoder.prompt_ids(r) for r in rows]
-        return prompts, dist.batch_plan([len(p) for p in prompts], batch_size, self.max_batch_tokens)
+    def plan(self, prompts: list[list[int]], prefix_len: int, batch_size: int) -> list[list[int]]:
+        """Row indices batched by length (less padding; fewer rows when they are long). The token cap
+        counts what a batch computes: each row's tokens after the shared prefix."""
+        return dist.batch_plan([len(p) - prefix_len for p in prompts], batch_size, self.max_batch_tokens)
 
     def classify(self, rows: list[dict], *, decode: str = "constrained", normalize: str = "none", top_k: int = 1,
                  batch_size: int = 16, progress: bool = False, distributed: bool = False) -> tuple[list[dict], dict]:
@@ -191,9 +190,10 @@ class Classifier:
         if not rows:
             return [], self._stats(0, 0.0, Counts(), decode, normalize, 0)
         truncated_before = self.encoder.n_truncated
-        prompts, batches = self.plan(rows, batch_size)
+        prompts = [self.encoder.prompt_ids(r) for r in rows]
         truncated = self.encoder.n_truncated - truncated_before
         prefix, cache = self._call_prefix(prompts, decode)
+        batches = self.plan(prompts, len(prefix), batch_size)
         mine = dist.shard(batches) if distributed else list(range(len(batches)))
         # the instruction's cache was computed at load time; a prefix of this call's own is computed now
         counts = Counts(computed_tokens=len(prefix) if cache is not None and cache is not self._prefix_cache else 0)
@@ -298,13 +298,13 @@ class Classifier:
                     scores = scores / torch.tensor(chars, dtype=torch.float64)
                 out.append(_ranked(labels, torch.softmax(scores, -1).tolist(), top_k))
             return out
-        logp, kv, mask, lengths = suffix_pass(self.model, suffixes, len(prefix), cache, self.pad_id, self.device,
+        logits, kv, mask, lengths = suffix_pass(self.model, suffixes, len(prefix), cache, self.pad_id, self.device,
                                               counts)
-        chosen = greedy_trie(self.model, logp, seqs, kv, mask, lengths, self.device, counts)
+        chosen = greedy_trie(self.model, logits, seqs, kv, mask, lengths, self.device, counts)
         out = []
         for k, (labels, options) in enumerate(opts):
             first_ids = sorted({s[0] for s in options})
-            p = torch.softmax(logp[k, first_ids].double(), -1).tolist()
+            p = torch.softmax(logits[k, first_ids].double(), -1).tolist()
             by_token = dict(zip(first_ids, p))
             probs = [by_token[s[0]] for s in options]
             out.append(_ranked(labels, probs, top_k, first=chosen[k]))
