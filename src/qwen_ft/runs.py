@@ -343,8 +343,7 @@ def remove_torn_checkpoints(folder: Path, keep: Path | None) -> list[Path]:
 # when the command has finished. Only folders that carry our marker are ever replaced or deleted.
 #
 #   NAME/              the output the user named
-#   .NAME.lock         the lock file (kept: removing a lock file others may wait on is a race)
-#   .NAME.lock.json    the holder's pid, host and command, while it holds the lock
+#   .NAME.lock         the lock file, holding the holder's pid, host and command (removed on release)
 #   .NAME.staging/     the new output of --overwrite, until it is swapped in
 #   .NAME.replaced/    the old output during the swap (two renames); removed right after
 
@@ -460,6 +459,9 @@ def plan_output(target: str | os.PathLike, *, resume: bool = False, overwrite: b
     check_output_path(target, dict(inputs_t), flag)
     if target.exists() and not target.is_dir():
         raise UserError(f"{flag} {target} exists and is a file", f"Choose a folder for {flag}.")
+    above = next((p for p in Path(os.path.abspath(target)).parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"{flag} {target}: {above} is a file, not a folder", f"Choose a folder for {flag}.")
     staging = staging_path(target)
     resumable = marker == RUN_MARKER
     if resume and resumable and written_by_us(staging, marker) and not _is_complete(staging, marker):
@@ -490,54 +492,81 @@ def prepare_output_dir(path: Path, resume: bool, overwrite: bool, inputs: dict |
 
 
 class OutputLock:
-    """One writer per output folder: an exclusive lock on a hidden sibling file (so it works before the
-    folder exists and across the staging swap); a second writer gets a UserError naming the holder."""
+    """One writer per output folder: an exclusive flock on a hidden sibling file (so it works before the folder
+    exists and across the staging swap), holding the holder's pid; a second writer gets a UserError naming it.
+
+    fcntl rather than the filelock package: the lock file can then be removed on release without a race (a
+    writer that locked a file already unlinked sees that its inode is not the path's and tries again), so no
+    lock files are left beside finished runs. The kernel releases the lock when its process dies.
+    """
 
     def __init__(self, target: str | os.PathLike, flag: str = "--output-dir"):
         self.target = Path(target).expanduser()
         self.path = lock_path(self.target)
-        self.owner = self.path.with_name(self.path.name + ".json")
         self.flag = flag
-        self._lock = None
+        self._fd: int | None = None
 
-    def holder(self) -> dict:
+    def acquire(self) -> OutputLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(20):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder(fd)
+                os.close(fd)
+                raise self._busy(holder) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)  # the holder removed this file as we opened it: lock the one at the path now
+        else:
+            raise UserError(f"could not lock {self.path}: other processes keep replacing it", "Run it again.")
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "command": " ".join(sys.argv)}
         try:
-            data = json.loads(self.owner.read_text(encoding="utf-8"))
+            os.ftruncate(fd, 0)
+            os.write(fd, (json.dumps(info) + "\n").encode())
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return self
+
+    @staticmethod
+    def _holder(fd: int) -> dict:
+        try:
+            data = json.loads(os.pread(fd, 65536, 0).decode("utf-8") or "{}")
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
 
-    def acquire(self) -> OutputLock:
-        import filelock
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock = filelock.FileLock(str(self.path), timeout=0, is_singleton=False)
-        try:
-            lock.acquire()
-        except filelock.Timeout:
-            h = self.holder()
-            who = f"pid {h.get('pid')}" if h.get("pid") else "pid unknown"
-            if h.get("host") and h.get("host") != socket.gethostname():
-                who += f" on {h['host']}"
-            since = f", since {h['started']}" if h.get("started") else ""
-            cmd = f": {h['command']}" if h.get("command") else ""
-            raise UserError(f"{self.target} is being written by another qwen-ft process ({who}{since}){cmd}",
-                            f"Wait for it to finish, or choose another {self.flag}. "
-                            f"(The lock is {self.path}; it is released when that process ends.)") from None
-        self._lock = lock
-        try:
-            write_json(self.owner, {"pid": os.getpid(), "host": socket.gethostname(),
-                                    "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": " ".join(sys.argv)})
-        except BaseException:
-            self.release()
-            raise
-        return self
+    def _busy(self, h: dict) -> UserError:
+        who = f"pid {h['pid']}" if h.get("pid") else "pid unknown"
+        if h.get("host") and h["host"] != socket.gethostname():
+            who += f" on {h['host']}"
+        since = f", since {h['started']}" if h.get("started") else ""
+        cmd = f": {h['command']}" if h.get("command") else ""
+        return UserError(f"{self.target} is being written by another qwen-ft process ({who}{since}){cmd}",
+                         f"Wait for it to finish, or choose another {self.flag}. (Its lock is {self.path}, "
+                         "released when that process ends.)")
 
     def release(self) -> None:
-        if self._lock is not None:
-            self.owner.unlink(missing_ok=True)
-            self._lock.release()
-            self._lock = None
+        if self._fd is not None:
+            try:
+                os.unlink(self.path)  # still locked here: a later writer creates and locks a fresh file
+            except FileNotFoundError:
+                pass
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> OutputLock:
         return self.acquire()
@@ -608,3 +637,26 @@ def claim_output(plan: OutputPlan, keep_failed: bool = True) -> Iterator[OutputP
 
 def clear_dir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def checkpoint_write_error(folder: Path, error: BaseException) -> UserError | None:
+    """The UserError for a checkpoint that could not be written (full disk, read-only or vanished folder), or
+    None when `error` is not about writing. torch.save reports a full disk as a bare RuntimeError, so the text
+    of the error and the free space decide as well as the exception type."""
+    folder = Path(folder)
+    text = " ".join(str(e) for e in (error, error.__cause__, error.__context__) if e is not None)
+    io_words = ("No space", "os error", "Errno", "iostream", "file write failed", "unexpected pos", "Read-only",
+                "Disk quota")
+    try:
+        free = shutil.disk_usage(next(p for p in (folder, *folder.parents) if p.exists())).free
+    except (OSError, StopIteration):
+        free = None
+    low = free is not None and free < 64 * 2**20
+    if not (isinstance(error, OSError) or low or any(w in text for w in io_words)):
+        return None
+    keep = last_good_checkpoint(folder.parent)
+    room = f"; {free / 2**20:.1f} MiB free there" if free is not None else ""
+    return UserError(f"could not write the checkpoint {folder}: {type(error).__name__}: {str(error)[:300]}{room}",
+                     (f"The last complete checkpoint, {keep.name}, is kept. " if keep else
+                      "No complete checkpoint had been written yet. ")
+                     + "Free some disk space (or make the folder writable), then run the same command plus --resume.")

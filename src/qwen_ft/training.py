@@ -9,6 +9,7 @@ only for the last K+1 positions (`logits_to_keep`) instead of every position x t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -43,6 +44,7 @@ from qwen_ft.errors import Problems, UserError
 from qwen_ft.models import (
     apply_lora,
     base_shape,
+    check_attention,
     count_parameters,
     load_config,
     load_model,
@@ -51,9 +53,12 @@ from qwen_ft.models import (
 )
 from qwen_ft.precision import resolve_precision
 from qwen_ft.runs import (
+    OutputPlan,
     RunDir,
+    checkpoint_write_error,
+    claim_output,
     env_info,
-    prepare_output_dir,
+    plan_output,
     read_jsonl_tolerant,
     remove_torn_checkpoints,
     staged_dir,
@@ -147,6 +152,19 @@ class SeededTrainer(Trainer):
         return SeededLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                           list(ds[column]), seed)
 
+    def _save_checkpoint(self, model, trial):
+        """A checkpoint that cannot be written (full disk...) is removed whole, and the run stops with one clear
+        error; the last complete checkpoint stays the newest, for --resume."""
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as e:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            error = checkpoint_write_error(folder, e)
+            if error is None:
+                raise
+            shutil.rmtree(folder, ignore_errors=True)
+            raise error from e
+
 
 
 
@@ -168,6 +186,7 @@ def resolve_config(cfg: TrainConfig | dict) -> Resolved:
     p = Problems()
     cfg = resolve(TrainConfig, [cfg], check=False) if isinstance(cfg, dict) else copy.deepcopy(cfg)
     p.attempt(cfg.validate)
+    p.attempt(check_attention, cfg.model.attn_implementation)
     model_path = p.attempt(resolve_model, cfg.model.model)
     mconf = p.attempt(load_config, model_path, cfg.model.trust_remote_code) if model_path else None
     n_params = p.attempt(_count_parameters, mconf, model_path) if mconf is not None else None
@@ -203,9 +222,10 @@ def _count_parameters(mconf, model_path: str) -> int:
                         "Pass a decoder-only model such as Qwen/Qwen3-0.6B.") from None
 
 
-def check_inputs(cfg: TrainConfig | dict, resume: bool, overwrite: bool, prepared: Prepared | None = None
-                 ) -> tuple[Resolved, Prepared, str]:
-    """Flags, model, data and output folder checked together: every problem in one report, nothing written."""
+def check_inputs(cfg: TrainConfig | dict, resume: bool, overwrite: bool, prepared: Prepared | None = None,
+                 inputs: dict | None = None) -> tuple[Resolved, Prepared, OutputPlan]:
+    """Flags, model, data and output folder checked together: every problem in one report, nothing written.
+    `inputs`: further files the command reads ({"--config": path}); the output may not hold any input."""
     if isinstance(cfg, dict):
         cfg = resolve(TrainConfig, [cfg], check=False)
     p = Problems()
@@ -214,13 +234,16 @@ def check_inputs(cfg: TrainConfig | dict, resume: bool, overwrite: bool, prepare
         # local data is cheap to check alongside; a hub download waits until everything else is right
         prepared = p.attempt(prepare, (r.config if r else cfg).data, cfg.train.seed)
     out = Path(r.config.train.output_dir if r else cfg.train.output_dir or default_output_dir(cfg))
-    mode = p.attempt(prepare_output_dir, out, resume, overwrite)
-    if mode == "resume" and r is not None:
-        saved = (out / "config.hash").read_text().strip() if (out / "config.hash").is_file() else None
+    reads = {"--data": cfg.data.data, "--validation-data": cfg.data.validation_data,
+             "--model": r.model_path if r else cfg.model.model, **(inputs or {})}
+    plan = p.attempt(plan_output, out, resume=resume, overwrite=overwrite, inputs=reads)
+    if plan is not None and plan.mode == "resume" and r is not None:
+        h = plan.work / "config.hash"
+        saved = h.read_text().strip() if h.is_file() else None
         p.check(saved == config_hash(r.config), f"--resume: the config differs from the unfinished run in {out}; "
-                f"use the same flags as before (see {out / 'config.yaml'}), or --overwrite")
+                f"use the same flags as before (see {plan.work / 'config.yaml'}), or --overwrite")
     p.raise_if_any()
-    return r, prepared, mode
+    return r, prepared, plan
 
 
 # ----------------------------------------------------------------------------- the training function
@@ -248,23 +271,35 @@ class RunResult:
 
 def train(cfg: TrainConfig | dict, *, resume: bool = False, overwrite: bool = False, base_model=None,
           prepared: Prepared | None = None, callbacks: tuple = (), model_hook=None,
-          encode_cache: dict | None = None) -> RunResult:
+          encode_cache: dict | None = None, inputs: dict | None = None) -> RunResult:
     """Train one LoRA run into `cfg.train.output_dir`.
 
     base_model: an already loaded base model (fp32, CPU) to copy instead of loading it from disk: a study
     runs many trials in one process with the base loaded once; a copy of the same weights and the same
     seed give the same run as a fresh process. prepared: splits already prepared (the study's).
     encode_cache: a dict kept by the caller, so that a split is tokenized once for many runs.
+    inputs: other files the caller read ({"--config": path}), which the output folder may not contain.
     """
     if isinstance(cfg, dict):
         cfg = resolve(TrainConfig, [cfg], check=False)
     dist.select_gpu(cfg.train.gpu_id)
-    r, prepared, mode = check_inputs(cfg, resume, overwrite, prepared)  # before any model loads or folder is written
+    r, prepared, plan = check_inputs(cfg, resume, overwrite, prepared, inputs)  # nothing loaded or written yet
+    dist.init()
+    # one writer per output folder (a lock beside it); --overwrite trains in a staging folder that replaces
+    # the old run only once the new one is complete, so a failure at any point leaves the old run as it was
+    with claim_output(plan) if dist.is_main() else contextlib.nullcontext(plan):
+        result = _train(r, prepared, plan, base_model, callbacks, model_hook, encode_cache)
+    dist.barrier()
+    return dataclasses.replace(result, path=plan.target)
+
+
+def _train(r: Resolved, prepared: Prepared, plan: OutputPlan, base_model, callbacks, model_hook,
+           encode_cache) -> RunResult:
     cfg = r.config
-    out = Path(cfg.train.output_dir)
+    mode = plan.mode
+    out = plan.work  # the output folder, or its staging sibling on --overwrite
     run = RunDir(out)
 
-    dist.init()
     precision = resolve_precision(cfg.model.precision)
     world = dist.world_size()
     global_batch = cfg.train.batch_size * world * cfg.train.grad_accum
@@ -350,7 +385,7 @@ def train(cfg: TrainConfig | dict, *, resume: bool = False, overwrite: bool = Fa
                            **{k: final[k] for k in ("epochs_run", "best_val_loss", "best_step", "train_time_s")}})
         shutil.rmtree(run.checkpoints, ignore_errors=True)  # after the marker: a kill here loses nothing
         log.info("done in %.0fs: best val_loss %.4f (step %s) after %.1f epochs; run folder %s", train_time,
-                 trainer.state.best_metric or float("nan"), best_step, epochs_run, out)
+                 trainer.state.best_metric or float("nan"), best_step, epochs_run, plan.target)
     dist.barrier()
     model = trainer.accelerator.unwrap_model(trainer.model)
     model.eval()

@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def run_train(user: dict, resume: bool = False, overwrite: bool = False, model_hook=None) -> Path:
+def run_train(user: dict, resume: bool = False, overwrite: bool = False, model_hook=None,
+              config_file: str | None = None) -> Path:
     """`user`: the flat layers of the command line (YAML < environment < flags)."""
     from qwen_ft.training import train
 
-    return train(user, resume=resume, overwrite=overwrite, model_hook=model_hook).path
+    return train(user, resume=resume, overwrite=overwrite, model_hook=model_hook,
+                 inputs={"--config": config_file}).path
 
 
 def add_parser(sub, name: str) -> None:
@@ -20,4 +22,5 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--resume", action="store_true", help="Continue the unfinished run in --output-dir.")
     p.add_argument("--overwrite", action="store_true", help="Replace a finished run in --output-dir.")
     add_config_flags(p)
-    p.set_defaults(func=lambda a: run_train(user_layers(a), resume=a.resume, overwrite=a.overwrite))
+    p.set_defaults(func=lambda a: run_train(user_layers(a), resume=a.resume, overwrite=a.overwrite,
+                                            config_file=a.config))
