@@ -1,0 +1,238 @@
+"""The real server (uvicorn on a free loopback port) over a tiny trained run, with real HTTP clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from qwen_ft.cli import main
+from qwen_ft.engine import Classifier
+from qwen_ft.serve import Limits, create_app
+from tests.conftest import REPO
+
+TEXTS = [f"{a} {b}?" for a in ("What is a tort", "How do cells divide", "Integrate x dx", "Who was Caesar",
+                                "Why do markets crash", "What is entropy") for b in ("", "in short", "exactly", "now")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def clf(tiny_run) -> Classifier:
+    return Classifier.load(tiny_run, precision="fp32")
+
+
+@contextmanager
+def running(load, **kwargs):
+    """uvicorn serving create_app(load, ...) in a thread; yields the base URL."""
+    port = free_port()
+    app = create_app(load, **kwargs)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def wait_ready(url: str) -> None:
+    for _ in range(600):
+        if httpx.get(f"{url}/health").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the server never became ready")
+
+
+@pytest.fixture(scope="module")
+def url(clf):
+    with running(lambda: clf, limits=Limits(max_wait_ms=100, max_texts=4, max_chars=100)) as base:
+        wait_ready(base)
+        yield base
+
+
+async def post_all(url: str, bodies: list[dict], headers: dict | None = None) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        return await asyncio.gather(*(client.post("/v1/classify", json=b, headers=headers) for b in bodies))
+
+
+def metric(url: str, name: str) -> float:
+    lines = [x for x in httpx.get(f"{url}/metrics").text.splitlines() if x.startswith(name + " ")]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+def test_health_is_503_until_the_model_is_loaded(clf):
+    gate = threading.Event()
+
+    def load():
+        gate.wait(60)
+        return clf
+
+    with running(load) as base:
+        r = httpx.get(f"{base}/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        r = httpx.post(f"{base}/v1/classify", json={"text": "hi"})
+        assert r.status_code == 503 and "loading" in r.json()["error"]["message"] and r.headers["Retry-After"]
+        assert "qwen_ft_model_loaded 0" in httpx.get(f"{base}/metrics").text
+        gate.set()
+        wait_ready(base)
+        assert httpx.get(f"{base}/health").json() == {"status": "ok", "model": "qwen-ft"}
+        assert "qwen_ft_model_loaded 1" in httpx.get(f"{base}/metrics").text
+
+
+def test_concurrent_requests_are_batched_and_match_predict(url, clf, tiny_run, tmp_path):
+    batches_before = metric(url, "qwen_ft_batch_size_count")
+    responses = asyncio.run(post_all(url, [{"text": t, "top_k": 3} for t in TEXTS]))
+    assert all(r.status_code == 200 for r in responses)
+    served = [r.json()["results"][0] for r in responses]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    assert main(["predict", "--model-path", str(tiny_run), "--input", str(src), "--output", str(out),
+                 "--precision", "fp32", "--top", "3"]) == 0
+    offline = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [s["label"] for s in served] == [o["label"] for o in offline]
+    for s, o in zip(served, offline):
+        assert s["probability"] == pytest.approx(o["probability"], abs=1e-4)
+        assert [t["label"] for t in s["top"]] == [lab for lab, _ in o["top"]]
+    # 24 requests in flight together (each waits up to 100 ms for others): fewer forward batches than requests
+    assert metric(url, "qwen_ft_batch_size_count") - batches_before < len(TEXTS)
+    several = httpx.post(f"{url}/v1/classify", json={"texts": TEXTS[:4]}).json()["results"]
+    assert [s["label"] for s in several] == [o["label"] for o in offline[:4]]
+    labels = httpx.get(f"{url}/v1/labels").json()
+    assert labels["labels"] == clf.labels and labels["id2label"]["0"] == clf.labels[0]
+
+
+def test_openai_client_gets_the_label(url):
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["qwen-ft"]
+    offline = httpx.post(f"{url}/v1/classify", json={"texts": TEXTS[:2]}).json()["results"]
+    for text, expected in zip(TEXTS[:2], offline):
+        reply = client.chat.completions.create(model="qwen-ft", messages=[
+            {"role": "system", "content": "ignored"}, {"role": "user", "content": text}])
+        assert reply.choices[0].message.content == expected["label"]
+        assert reply.choices[0].finish_reason == "stop"
+    parts = client.chat.completions.create(model="qwen-ft", messages=[
+        {"role": "user", "content": [{"type": "text", "text": TEXTS[0]}]}])
+    assert parts.choices[0].message.content == offline[0]["label"]
+    with pytest.raises(openai.BadRequestError, match="stream"):
+        client.chat.completions.create(model="qwen-ft", messages=[{"role": "user", "content": "x"}], stream=True)
+
+
+BAD = [  # (path, raw body, status, part of the message)
+    ("/v1/classify", b"{bad", 400, "malformed JSON"),
+    ("/v1/classify", b"[" * 100_000 + b"]" * 100_000, 413, "over the limit"),
+    ("/v1/classify", b"[" * 20_000 + b"]" * 20_000, 400, "nested too deeply"),
+    ("/v1/classify", b'["a"]', 422, "must be a JSON object"),
+    ("/v1/classify", b"\xff\xfe", 400, "malformed JSON"),
+    ("/v1/classify", b'{"txt": "a"}', 422, "txt: Extra inputs are not permitted"),
+    ("/v1/classify", b"{}", 422, 'exactly one of "text"'),
+    ("/v1/classify", b'{"text": "a", "texts": ["b"]}', 422, 'exactly one of "text"'),
+    ("/v1/classify", b'{"texts": []}', 422, '"texts" is empty'),
+    ("/v1/classify", b'{"texts": [1]}', 422, "texts.0"),
+    ("/v1/classify", b'{"text": "   "}', 422, "non-empty text"),
+    ("/v1/classify", b'{"text": "\\ud800"}', 422, "unpaired surrogate"),
+    ("/v1/classify", b'{"texts": ["a", "b", "c", "d", "e"]}', 413, "limit is 4 (--max-texts-per-request)"),
+    ("/v1/classify", json.dumps({"text": "x" * 101}).encode(), 413, "limit is 100 (--max-chars)"),
+    ("/v1/classify", b'{"text": "a", "top_k": 0}', 422, "top_k"),
+    ("/v1/classify", b'{"text": "a", "top_k": 99}', 422, "top_k 99 is more than the 14 labels"),
+    ("/v1/chat/completions", b'{"messages": []}', 422, "messages"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "system", "content": "s"}]}', 422, "no user message"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a"}], "n": 2}', 400, "n=2"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user"}]}', 422, "no content"),
+    ("/v1/nope", b"{}", 404, "Not Found"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,message", BAD, ids=[f"{s}-{m[:24]}" for _, _, s, m in BAD])
+def test_bad_requests_get_their_status_and_message(url, path, body, status, message):
+    r = httpx.post(f"{url}{path}", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]["message"]
+
+
+def test_no_bad_request_caused_a_500(url):
+    codes = [x for x in httpx.get(f"{url}/metrics").text.splitlines() if x.startswith("qwen_ft_requests_total")]
+    assert codes and not any('code="5' in x and "/health" not in x for x in codes), codes
+
+
+def test_overload_answers_503_with_retry_after(clf):
+    # two texts may wait at a time, and a batch waits 300 ms for company: the others are turned away
+    with running(lambda: clf, limits=Limits(max_queue=2, max_wait_ms=300)) as base:
+        wait_ready(base)
+        responses = asyncio.run(post_all(base, [{"texts": ["a b", "c d"]}] * 12))
+        codes = [r.status_code for r in responses]
+        assert 200 in codes and 503 in codes and set(codes) == {200, 503}
+        busy = next(r for r in responses if r.status_code == 503)
+        assert busy.headers["Retry-After"] == "1" and "--max-queue 2" in busy.json()["error"]["message"]
+
+
+def test_api_key(clf):
+    with running(lambda: clf, api_key="s3cret") as base:
+        wait_ready(base)  # /health needs no key
+        body = {"text": "What is a tort?"}
+        assert httpx.post(f"{base}/v1/classify", json=body).status_code == 401
+        wrong = httpx.post(f"{base}/v1/classify", json=body, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"] == "Bearer"
+        assert "API key" in wrong.json()["error"]["message"]
+        ok = httpx.post(f"{base}/v1/classify", json=body, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="nope", max_retries=0).chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "x"}])
+        reply = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "What is a tort?"}])
+        assert reply.choices[0].message.content == ok.json()["results"][0]["label"]
+
+
+def test_serve_command_drains_in_flight_requests_on_sigterm(tiny_run):
+    port = free_port()
+    env = {**os.environ, "QWEN_FT_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "qwen_ft", "serve", "--model-path", str(tiny_run), "--port",
+                             str(port), "--precision", "fp32", "--max-wait-ms", "1500"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(1200):
+            try:
+                if httpx.get(f"{base}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.05)
+        answer: dict = {}
+        worker = threading.Thread(target=lambda: answer.update(
+            r=httpx.post(f"{base}/v1/classify", json={"text": "What is a tort?"}, timeout=60)))
+        worker.start()
+        time.sleep(0.5)  # the request waits 1.5 s in the batcher for company: it is in flight now
+        proc.send_signal(signal.SIGTERM)
+        worker.join(60)
+        assert answer["r"].status_code == 200 and answer["r"].json()["results"][0]["label"]
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = proc.stdout.read()
+    assert "model loaded" in log and "Shutting down" in log
