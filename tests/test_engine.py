@@ -217,3 +217,18 @@ def test_load_run_baseline_merged_and_remote_code(tiny_run, tmp_path):
     (remote / "config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(UserError, match="Pass --trust-remote-code"):
         Classifier.load(remote, precision="fp32")
+
+
+def test_run_folder_label_mapping_reads_as_semantic_router_reads_it(tiny_run):
+    """vllm-project/semantic-router (candle-binding qwen3_multi_lora_classifier.rs) takes the categories from
+    id2label in id order and replaces {question} in instruction_template; our readers ignore those keys."""
+    mapping = json.loads((tiny_run / "label_mapping.json").read_text())
+    categories = [label for _, label in sorted(mapping["id2label"].items(), key=lambda kv: int(kv[0]))]
+    assert categories == mapping["labels"]
+    assert mapping["label2id"] == {label: i for i, label in enumerate(categories)}
+    from qwen_ft.tasks import Task
+
+    task = Task.from_mapping(mapping)
+    prompt = mapping["instruction_template"].replace("{question}", "What is a tort?")
+    assert prompt == f"{task.system_message()}\n\nWhat is a tort?" and "{" not in prompt
+    assert task.extra == {} and Task.from_mapping(task.to_mapping()).to_mapping() == task.to_mapping()

@@ -51,7 +51,14 @@ class Task:
         return self.instruction.format(labels=", ".join(self.labels))
 
     def to_mapping(self) -> dict:
-        """What a run folder stores so that inference renders exactly the same prompt."""
+        """What a run folder stores so that inference renders exactly the same prompt.
+
+        `label2id`, `id2label` (string keys) and `instruction_template` are what vllm-project/semantic-router's
+        Qwen3 LoRA classifier reads from an adapter folder (candle-binding, qwen3_multi_lora_classifier.rs:
+        categories in id order; the template, with `{question}` replaced by the text, becomes the only user
+        turn). Our own prompt puts the instruction in a system turn where the chat template has one, so the
+        router's prompt is close to ours, not identical. Derived from the fields above; never read back."""
+        system = self.system_message()
         return {
             "task": self.name,
             "labels": self.labels,
@@ -59,6 +66,9 @@ class Task:
             "instruction": self.instruction,
             "question_template": self.question_template,
             **self.extra,
+            "label2id": {label: i for i, label in enumerate(self.labels)},
+            "id2label": {str(i): label for i, label in enumerate(self.labels)},
+            "instruction_template": (f"{system}\n\n" if system else "") + self.question_template,
         }
 
     @classmethod
@@ -67,6 +77,7 @@ class Task:
 
         task_cls = TASKS[mapping["task"]]
         extra = {k: v for k, v in mapping.items()
-                 if k not in ("task", "labels", "label_to_id", "instruction", "question_template")}
+                 if k not in ("task", "labels", "instruction", "question_template", "label_to_id", "label2id",
+                              "id2label", "instruction_template")}
         return task_cls(labels=list(mapping["labels"]), instruction=mapping["instruction"],
                         question_template=mapping["question_template"], extra=extra)
