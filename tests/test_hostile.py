@@ -528,3 +528,156 @@ def test_internal_errors_say_so_with_a_traceback(capsys, monkeypatch):
     assert main(["merge", "--model-path", "x", "--output-dir", "y"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "internal error" in err and "a bug of ours" in err
+
+
+# ============================================================================ runs that fail or compete
+
+def test_overwrite_that_fails_midway_keeps_the_old_run(capsys, tiny_qwen3, finished, monkeypatch):
+    import qwen_ft.training as training
+
+    before = snapshot(finished)
+    real_loss, calls = training.answer_loss, [0]
+
+    def diverging(*a, **k):  # the new run diverges at its third step, after it has written checkpoints
+        calls[0] += 1
+        loss = real_loss(*a, **k)
+        return loss * float("nan") if calls[0] >= 3 else loss
+
+    monkeypatch.setattr(training, "answer_loss", diverging)
+    err = fail(capsys, tiny_train_args(tiny_qwen3, finished, "--overwrite", "--save-steps", "1"))
+    assert "training diverged" in err
+    assert snapshot(finished) == before  # the old run is untouched; the failed new one waits in staging
+    staging = finished.parent / ".run.staging"
+    assert (staging / "run.json").is_file() and not (staging / "COMPLETE").exists()
+    monkeypatch.setattr(training, "answer_loss", real_loss)
+    assert main(tiny_train_args(tiny_qwen3, finished, "--overwrite", "--max-steps", "2")) == 0  # cleans staging
+    assert (finished / "COMPLETE").is_file() and snapshot(finished) != before
+    assert sorted(p.name for p in finished.parent.iterdir()) == ["run"]
+
+
+def test_interrupted_overwrite_resumes_in_staging(capsys, tiny_qwen3, finished, monkeypatch):
+    import qwen_ft.training as training
+
+    before = snapshot(finished)
+    real_loss, calls = training.answer_loss, [0]
+
+    def interrupted(*a, **k):
+        calls[0] += 1
+        if calls[0] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # CheckpointTriggers saves a checkpoint, then stops
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(training, "answer_loss", interrupted)
+    args = tiny_train_args(tiny_qwen3, finished, "--overwrite", "--epochs", "2")
+    err = fail(capsys, args)
+    assert "interrupted" in err and "--resume" in err
+    assert snapshot(finished) == before
+    monkeypatch.setattr(training, "answer_loss", real_loss)
+    assert main([*args, "--resume"]) == 0
+    assert (finished / "COMPLETE").is_file() and snapshot(finished) != before
+    assert sorted(p.name for p in finished.parent.iterdir()) == ["run"]
+
+
+def test_config_file_inside_the_output_is_not_deleted(capsys, tiny_qwen3, finished):
+    (finished / "my-config.yaml").write_text("train:\n  max_steps: 1\n")
+    before = snapshot(finished)
+    err = fail(capsys, [*tiny_train_args(tiny_qwen3, finished, "--overwrite"),
+                        "--config", str(finished / "my-config.yaml")])
+    assert "contains the input --config" in err
+    assert snapshot(finished) == before
+
+
+HOLD_IN_MODEL_LOAD = """
+import os, sys, time, pathlib
+import qwen_ft.training as t
+real = t.load_model
+def held(*a, **k):  # the output folder is claimed by now; wait here until the test says go
+    pathlib.Path(os.environ["HELD"]).write_text(str(os.getpid()))
+    while not pathlib.Path(os.environ["GO"]).exists():
+        time.sleep(0.05)
+    return real(*a, **k)
+t.load_model = held
+from qwen_ft.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_two_trainings_into_one_folder_exactly_one_proceeds(capsys, tiny_qwen3, tmp_path):
+    import time
+
+    out = tmp_path / "out"
+    held, go = tmp_path / "held", tmp_path / "go"
+    first = subprocess.Popen([sys.executable, "-c", HOLD_IN_MODEL_LOAD, *tiny_train_args(tiny_qwen3, out)],
+                             env={**ENV, "HELD": str(held), "GO": str(go)}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not held.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert held.exists(), first.communicate()
+        err = fail(capsys, tiny_train_args(tiny_qwen3, out))  # the same folder, while the first holds it
+        assert f"is being written by another qwen-ft process (pid {first.pid}" in err
+        assert not out.exists()  # the second wrote nothing
+    finally:
+        go.write_text("")
+        stdout, stderr = first.communicate(timeout=240)
+    assert first.returncode == 0, stderr
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["type"] for m in metrics].count("final") == 1 and (out / "COMPLETE").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "held", "out"]  # the lock went with its holder
+
+
+# A size-limited tmpfs, mounted inside a user+mount namespace (no privileges needed, nothing left mounted):
+# the run's files fit, and one checkpoint, but not a second one.
+DISK_FULL = r"""
+set -u
+mount -t tmpfs -o size=$SIZE tmpfs "$MNT"
+"$PY" -m qwen_ft "$@" > "$OUT/fail.out" 2> "$OUT/fail.err"; echo $? > "$OUT/fail.rc"
+cp -a "$MNT/run" "$OUT/after-fail"
+mount -o remount,size=64m "$MNT"  # space freed: resume
+"$PY" -m qwen_ft "$@" --resume > "$OUT/resume.out" 2> "$OUT/resume.err"; echo $? > "$OUT/resume.rc"
+cp -a "$MNT/run" "$OUT/final"
+mount -t tmpfs -o ro,size=1m tmpfs "$RO"
+"$PY" -m qwen_ft "$@" --output-dir "$RO/run" > /dev/null 2> "$OUT/ro.err"; echo $? > "$OUT/ro.rc"
+"""
+
+
+def _namespaces_work() -> bool:
+    try:
+        return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.skipif(not _namespaces_work(), reason="needs unshare --user --mount (a tmpfs of a chosen size)")
+def test_disk_full_during_checkpointing_then_resume(tiny_qwen3, tmp_path):
+    """Disk full at the second checkpoint (a 420 KiB tmpfs; a checkpoint of the tiny run is ~250 KiB): one
+    clear error, the last complete checkpoint kept, the torn one gone; after space is freed, --resume gives
+    the adapter of an uninterrupted run, bit for bit. Also a read-only output folder: one clear error."""
+    from safetensors.torch import load_file
+
+    extra = ("--epochs", "2", "--save-steps", "4", "--lora-dropout", "0.1", "--learning-rate", "5e-3", "--seed", "7")
+    mnt, ro, out = tmp_path / "mnt", tmp_path / "ro", tmp_path / "out"
+    for d in (mnt, ro, out):
+        d.mkdir()
+    reference = tmp_path / "reference"
+    assert main(tiny_train_args(tiny_qwen3, reference, *extra)) == 0
+    args = tiny_train_args(tiny_qwen3, mnt / "run", *extra)
+    env = {**ENV, "SIZE": "420k", "MNT": str(mnt), "RO": str(ro), "OUT": str(out), "PY": sys.executable}
+    subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", DISK_FULL, "bash", *args],
+                   env=env, timeout=600, check=False)
+    err = (out / "fail.err").read_text()
+    assert (out / "fail.rc").read_text().strip() == "2", err
+    assert "Traceback" not in err and "could not write the checkpoint" in err and "--resume" in err
+    assert "the disk is full" in err
+    assert "The last complete checkpoint, checkpoint-4, is kept" in err
+    kept = sorted(p.name for p in (out / "after-fail" / "checkpoints").iterdir())
+    assert kept == ["checkpoint-4"] and not (out / "after-fail" / "COMPLETE").exists()
+    assert (out / "resume.rc").read_text().strip() == "0", (out / "resume.err").read_text()
+    want = load_file(reference / "adapter_model.safetensors")
+    got = load_file(out / "final" / "adapter_model.safetensors")
+    assert want.keys() == got.keys() and all((want[k] == got[k]).all() for k in want)
+    ro_err = (out / "ro.err").read_text()
+    assert (out / "ro.rc").read_text().strip() == "2" and "Traceback" not in ro_err
+    assert "Read-only file system" in ro_err and "writable folder" in ro_err

@@ -11,6 +11,8 @@ import dataclasses
 import importlib
 import importlib.util
 import logging
+import os
+import re
 import sys
 import typing
 
@@ -72,6 +74,8 @@ def quiet_libraries(debug: bool) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    for name in ("optuna", "optuna.study._optimize"):  # a failed study trial: reported once, by us
+        logging.getLogger(name).addFilter(_no_user_error_tracebacks)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
@@ -88,6 +92,11 @@ class Parser(argparse.ArgumentParser):
             message += ("\n--mode belongs to ft_qwen3_generative_lora.py; qwen-ft takes the mode as its command: "
                         "qwen-ft train | validate | test")
         super().error(message)
+
+
+def _no_user_error_tracebacks(record: logging.LogRecord) -> bool:
+    """Drop library log records that carry a traceback of a UserError (it is reported once, without one)."""
+    return not (record.exc_info and isinstance(record.exc_info[1], UserError))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +162,10 @@ def user_error(e: BaseException) -> UserError | None:
             return cause
         if isinstance(cause, OSError):
             return from_os_error(cause)
+        os_error = re.search(r"\(os error (\d+)\)", str(cause))  # Rust I/O errors (safetensors, tokenizers)
+        if os_error:
+            code = int(os_error.group(1))
+            return from_os_error(OSError(code, f"{os.strerror(code)} ({type(cause).__name__}: {cause})"))
         if isinstance(cause, MemoryError) or type(cause).__name__ == "OutOfMemoryError":
             return UserError(f"out of memory: {cause}".rstrip(": "),
                              "Use a smaller --batch-size or --max-length, gradient checkpointing, or bf16.")

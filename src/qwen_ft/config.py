@@ -150,8 +150,7 @@ class TrainConfig:
         p.check(0 <= da.test_fraction < 1, f"--test-fraction must be in [0, 1) (got {da.test_fraction})")
         p.check(da.val_fraction + da.test_fraction < 0.9, "--val-fraction + --test-fraction must leave >= 10% for training")
         p.check(tr.gpu_id is None or tr.gpu_id >= 0, f"--gpu-id must be >= 0 (got {tr.gpu_id})")
-        p.check(0 <= tr.seed < 2**32, f"--seed must be in [0, 2**32) (got {tr.seed}): numpy and the data split "
-                "take only non-negative 32-bit seeds")
+        p.check(seed_problem(tr.seed) is None, seed_problem(tr.seed) or "")
         p.check(mo.max_length <= 1_000_000, f"--max-length must be <= 1000000 (got {mo.max_length})")
         for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
             v = getattr(tr, name)
@@ -165,6 +164,12 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- presets
+
+def seed_problem(seed: int) -> str | None:
+    if 0 <= seed < 2**32:
+        return None
+    return f"--seed must be in [0, 2**32) (got {seed}): numpy and the data split take only non-negative 32-bit seeds"
+
 
 # transformers schedules that need no extra arguments (cosine_with_min_lr & co. need lr_scheduler_kwargs)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",

@@ -41,13 +41,14 @@ class Problems:
         return bool(self.items)
 
     def add(self, problem: str, hint: str | None = None) -> None:
-        self.items.append(problem)
+        if problem not in self.items:  # two checks finding the same problem report it once
+            self.items.append(problem)
         if hint and hint not in self.hints:
             self.hints.append(hint)
 
     def check(self, ok: bool, problem: str) -> None:
         if not ok:
-            self.items.append(problem)
+            self.add(problem)
 
     def attempt(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
         """Run one check; its UserError joins the list (and None is returned) instead of stopping."""

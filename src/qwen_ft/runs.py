@@ -655,8 +655,8 @@ def checkpoint_write_error(folder: Path, error: BaseException) -> UserError | No
     if not (isinstance(error, OSError) or low or any(w in text for w in io_words)):
         return None
     keep = last_good_checkpoint(folder.parent)
-    room = f"; {free / 2**20:.1f} MiB free there" if free is not None else ""
-    return UserError(f"could not write the checkpoint {folder}: {type(error).__name__}: {str(error)[:300]}{room}",
+    why = f"the disk is full ({free / 2**20:.1f} MiB free)" if low else f"{type(error).__name__}: {str(error)[:300]}"
+    return UserError(f"could not write the checkpoint {folder}: {why}",
                      (f"The last complete checkpoint, {keep.name}, is kept. " if keep else
                       "No complete checkpoint had been written yet. ")
                      + "Free some disk space (or make the folder writable), then run the same command plus --resume.")

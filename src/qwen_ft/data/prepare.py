@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen_ft.config import DataArgs
+from qwen_ft.config import DataArgs, seed_problem
 from qwen_ft.data.sources import DEMOS, describe, is_hub, read_records
 from qwen_ft.data.splits import sample, sample_per_label, split_rows
 from qwen_ft.errors import Problems, UserError
@@ -124,6 +124,8 @@ def warn_similar_labels(rows: list[dict]) -> None:
 
 
 def prepare(data: DataArgs, seed: int) -> Prepared:
+    if seed_problem(seed):
+        raise UserError(seed_problem(seed))
     p = Problems()  # both sources are checked, and both reported, before either is used
     if same_source(data.data, data.validation_data):
         raise UserError(f"--validation-data {data.validation_data} is the same data as --data: every validation "
