@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,20 +12,21 @@ import torch
 import yaml
 
 from qwen_ft.errors import UserError
-from qwen_ft.study import markers
 from qwen_ft.study.config import load_study_config
 from qwen_ft.study.phases import run_study
 
 STUDY_YAML = """
 model: {{model: {model}, precision: fp32, max_length: 192}}
-data: {{data: demo-mc, max_samples: 30, val_fraction: 0.3, test_fraction: 0.0, answer_format: text}}
+data: {{data: demo-mc, max_samples: 40, val_fraction: 0.3, test_fraction: 0.0, answer_format: text}}
 lora: {{rank: 4, alpha: 8}}
-train: {{epochs: 2, batch_size: 8}}
+train: {{batch_size: 8, early_stopping_patience: 0}}
 merge: {{verify_samples: 2}}
 eval: {{batch_size: 16}}
+protocol: {{trials: 2, final_seeds: [1, 2], tune_rows: 8, trial_max_steps: 3, final_max_steps: 4, eval_steps: 2,
+           curve_rows: 8, target: 0.3}}
 optimizers:
-  adamw: {{learning_rate: 1.0e-2}}
-  sgd: {{learning_rate: 0.1, kwargs: {{nesterov: true}}}}
+  adamw: {{search: {{learning_rate: {{low: 1.0e-3, high: 1.0e-2}}}}}}
+  sgd: {{search: {{learning_rate: [0.01, 0.5]}}, fixed: {{nesterov: true}}}}
 """
 
 
@@ -35,7 +37,7 @@ def _config(tiny_qwen3, out: Path, extra: str = "") -> Path:
 
 
 def _statuses(study) -> dict[str, str]:
-    return {o["phase"] + (f"[{o['optimizer']}]" if o["optimizer"] else ""): o["status"] for o in study.outcomes}
+    return {o["name"]: o["status"] for o in study.outcomes}
 
 
 @pytest.fixture(scope="module")
@@ -93,106 +95,199 @@ def test_merge_command_line(tiny_run, tmp_path):
 
 # ----------------------------------------------------------------------------- end to end and markers
 
+def _trials(out: Path, opt: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "trials" / opt).glob("trial-*/trial.json"))]
+
+
+def _finals(out: Path) -> dict:
+    return {str(p.parent.relative_to(out)): json.loads(p.read_text())
+            for p in sorted((out / "finals").glob("*/seed-*/result.json"))}
+
+
 def test_study_end_to_end_outputs(study_dir):
+    summary = json.loads((study_dir / "data" / "summary.json").read_text())
+    assert summary["sizes"]["tune"] == 8 and summary["sizes"]["validation"] == 12
+    tune = {r["id"] for r in map(json.loads, (study_dir / "data" / "tune.jsonl").read_text().splitlines())}
+    val = {r["id"] for r in map(json.loads, (study_dir / "data" / "validation.jsonl").read_text().splitlines())}
+    train = {r["id"] for r in map(json.loads, (study_dir / "data" / "train.jsonl").read_text().splitlines())}
+    assert tune and not tune & val and not tune & train  # the tuning split is carved from training, never validation
+    for opt in ("adamw", "sgd"):
+        trials = _trials(study_dir, opt)
+        assert [t["k"] for t in trials] == [0, 1] and {t["steps"] for t in trials} == {3}  # same count, same budget
+        assert all(t["n"] == 8 for t in trials)  # scored on the tuning split
+        lo, hi = (1e-3, 1e-2) if opt == "adamw" else (0.01, 0.5)
+        assert all(lo <= t["params"]["learning_rate"] <= hi for t in trials)
+        assert len({t["params"]["learning_rate"] for t in trials}) == 2  # quasirandom points differ
+        for seed in (1, 2):
+            final = json.loads((study_dir / "finals" / opt / f"seed-{seed}" / "result.json").read_text())
+            assert final["steps"] == 4 and final["n"] == 12 and final["best_step"] in (2, 4)
+            # the best tuning accuracy; ties go to the lower tuning loss, then the earlier trial
+            best = max(trials, key=lambda t: (t["score"], -t["tune_loss"], -t["k"]))
+            assert final["params"] == best["params"]
+            assert final["optimizer_state_bytes"] > 0
+            curve = [json.loads(x) for x in (study_dir / "finals" / opt / f"seed-{seed}" / "metrics.jsonl")
+                     .read_text().splitlines() if '"curve"' in x]
+            assert [c["step"] for c in curve] == [2, 4] and all(c["n"] == 8 for c in curve)
+    adam = json.loads((study_dir / "finals" / "adamw" / "seed-1" / "result.json").read_text())
+    sgd = json.loads((study_dir / "finals" / "sgd" / "seed-1" / "result.json").read_text())
+    # counted from the state tensors: AdamW keeps m and v, SGD one momentum buffer, per LoRA parameter; AdamW
+    # also a 4-byte step per tensor (2 layers x 7 adapted modules x A, B = 28 tensors)
+    assert adam["optimizer_state_bytes"] == 2 * sgd["optimizer_state_bytes"] + 4 * 28
+    ids = [json.loads(x)["id"] for x in (study_dir / "finals" / "adamw" / "seed-1" / "eval" / "predictions.jsonl")
+           .read_text().splitlines()]
+    assert set(ids) == val  # finals are scored on the validation split
+    for name in ("untrained", "untrained_loglik_token", "untrained_loglik_char"):
+        assert json.loads((study_dir / "baselines" / name / "eval.json").read_text())["n"] == 12
     res = study_dir / "results"
-    rows = list(csv.DictReader(open(res / "results.csv")))
-    assert [r["optimizer"] for r in rows] == ["adamw", "sgd"]
-    for r in rows:
-        acc, lo, hi = float(r["accuracy"]), float(r["ci_low"]), float(r["ci_high"])
-        assert 0 <= lo <= acc <= hi <= 1 and int(r["n_eval"]) == 9
-        for key in ("final_train_loss", "best_val_loss", "epochs_run", "train_time_s", "train_samples_per_s",
-                    "train_peak_mem_mb", "eval_samples_per_s", "eval_peak_mem_mb"):
-            assert float(r[key]) > 0, key
-    for name in ("loss_curves.png", "accuracy.png", "resources.png"):
-        assert (res / name).read_bytes()[:4] == b"\x89PNG"
-        assert f"]({name})" in (res / "report.md").read_text()
-    nb = json.loads((study_dir / "notebooks" / "analysis.ipynb").read_text())
-    assert any("plot_loss_curves" in "".join(c["source"]) for c in nb["cells"])
-    # every optimizer trained on the same cached split, with the same seed and budget
-    configs = [yaml.safe_load((study_dir / "experiments" / o / "config.yaml").read_text()) for o in ("adamw", "sgd")]
-    for c in configs:
-        c["train"].pop("output_dir")
-    assert configs[0]["data"] == configs[1]["data"] and configs[0]["train"] == configs[1]["train"]
-    assert configs[0]["data"]["answer_format"] == "text"  # the study's data settings reach every run
-    assert "writes the text of a choice" in (res / "report.md").read_text()
-    assert configs[1]["optim"]["kwargs"] == {"nesterov": True}
-    assert (study_dir / "experiments" / "sgd" / "split" / "train.jsonl").read_text() == \
-        (study_dir / "experiments" / "adamw" / "split" / "train.jsonl").read_text()
+    for name in ("report.md", "results.csv", "summary.csv", "pairwise.csv", "trials.csv", "lr_sensitivity.png",
+                 "accuracy_per_seed.png", "curves.png", "time_to_target.png", "resources.png"):
+        assert (res / name).is_file(), name
+    with open(res / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert "adamw vs sgd" in (res / "report.md").read_text()
+    assert (study_dir / "models" / "adamw" / "merge.json").is_file()
+    assert (study_dir / "optuna.db").is_file()
 
 
-def test_notebook_executes(study_dir):
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
-    import nbformat
+def test_optuna_storage_holds_each_trial_once(study_dir):
+    import optuna
 
-    nb = nbformat.read(study_dir / "notebooks" / "analysis.ipynb", as_version=4)
-    nbclient.NotebookClient(nb, timeout=120, resources={"metadata": {"path": str(study_dir / "notebooks")}}).execute()
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) == 3
+    storage = f"sqlite:///{study_dir / 'optuna.db'}"
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    assert sorted(n.split("-")[0] for n in names) == ["adamw", "sgd"]
+    for name in names:
+        trials = optuna.load_study(study_name=name, storage=storage).trials
+        complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        assert sorted(t.user_attrs["k"] for t in complete) == [0, 1]
 
 
-def test_rerun_skips_force_redoes_and_changes_propagate(study_dir, tiny_qwen3):
-    cfg_path = _config(tiny_qwen3, study_dir)
-    again = run_study(load_study_config([cfg_path]))
-    assert set(_statuses(again).values()) == {"skipped"}
-    forced = run_study(load_study_config([cfg_path]), phases=["eval"], only=["sgd"], force=True)
-    assert _statuses(forced) == {"eval[sgd]": "done"}
-    # the same seed reproduces the same losses and accuracy when training is redone
-    run, ev = study_dir / "experiments" / "adamw", study_dir / "results" / "eval" / "adamw" / "eval.json"
-    before = [(r["type"], r.get("loss"), r.get("val_loss")) for r in map(json.loads, open(run / "metrics.jsonl"))
-              if r["type"] != "final"]
-    acc = json.loads(ev.read_text())["accuracy"]
-    redo = run_study(load_study_config([cfg_path]), phases=["train", "merge", "eval"], only=["adamw"], force=True)
-    assert set(_statuses(redo).values()) == {"done"}
-    assert before == [(r["type"], r.get("loss"), r.get("val_loss")) for r in map(json.loads, open(run / "metrics.jsonl"))
-                      if r["type"] != "final"]
-    assert json.loads(ev.read_text())["accuracy"] == acc
-    # a different eval batch size changes the eval hash: eval + analysis rerun, training does not
-    cfg_path.write_text(cfg_path.read_text().replace("eval: {batch_size: 16}", "eval: {batch_size: 4}"))
-    changed = run_study(load_study_config([cfg_path]))
-    s = _statuses(changed)
-    assert s["train[adamw]"] == s["merge[sgd]"] == "skipped"
-    assert s["eval[adamw]"] == s["eval[sgd]"] == s["analysis"] == "done"
+def test_rerun_skips_and_reproduces(study_dir, tiny_qwen3, tmp_path):
+    before = _finals(study_dir)
+    study = run_study(load_study_config([_config(tiny_qwen3, study_dir)]))
+    assert set(_statuses(study).values()) == {"skipped"}
+    # the same config and seed in a fresh folder reproduces every trial and final
+    other = tmp_path / "again"
+    run_study(load_study_config([_config(tiny_qwen3, other)]), phases=["data", "train"])
+    for opt in ("adamw", "sgd"):
+        assert [(t["params"], t["score"], t["tune_loss"]) for t in _trials(other, opt)] == \
+               [(t["params"], t["score"], t["tune_loss"]) for t in _trials(study_dir, opt)]
+    again = _finals(other)
+    assert {k: (v["accuracy"], v["tune_loss"], v["best_step"]) for k, v in again.items()} == \
+           {k: (v["accuracy"], v["tune_loss"], v["best_step"]) for k, v in before.items()}
+
+
+def test_in_process_trial_equals_a_separate_training_process(study_dir, tiny_qwen3, tmp_path):
+    """A study run (base model loaded once, copied per run) gives the adapter a fresh `qwen-ft train` gives."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    final = study_dir / "finals" / "adamw" / "seed-1"
+    cfg = yaml.safe_load((final / "config.yaml").read_text())
+    cfg["train"]["output_dir"] = str(tmp_path / "solo")
+    (tmp_path / "solo.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "qwen_ft", "train", "--config", str(tmp_path / "solo.yaml")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = load_file(final / "adapter_model.safetensors"), load_file(tmp_path / "solo" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_phase_needs_its_upstream(tiny_qwen3, tmp_path):
-    cfg = load_study_config([_config(tiny_qwen3, tmp_path / "s2")])
-    with pytest.raises(UserError, match="the data phase has not finished"):
-        run_study(cfg, phases=["train"])
+    with pytest.raises(UserError, match="data phase has not finished"):
+        run_study(load_study_config([_config(tiny_qwen3, tmp_path / "fresh")]), phases=["train"])
 
 
-def test_interrupted_training_resumes(tiny_qwen3, tmp_path, monkeypatch):
-    """Stop adamw after its first epoch (as SIGTERM would); the re-run resumes it and finishes the study."""
-    from qwen_ft import training
+KILL_TRIAL = """
+import os, sys
+import qwen_ft.training as t
+calls, orig = [0], t.answer_loss
+def loss(*a, **k):
+    calls[0] += 1
+    if calls[0] == int(os.environ["KILL_AT"]):
+        os.kill(os.getpid(), 9)
+    return orig(*a, **k)
+t.answer_loss = loss
+from qwen_ft.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
-    cfg = load_study_config([_config(tiny_qwen3, tmp_path / "s3", "seed: 7\n")])
-    original = getattr(training.CheckpointTriggers, "on_epoch_end", None)
 
-    def stop_after_first_epoch(self, args, state, control, **kw):
-        if state.epoch and state.epoch >= 1 and not getattr(stop_after_first_epoch, "done", False):
-            stop_after_first_epoch.done = True
-            self.signal = 15
-        return original(self, args, state, control, **kw) if original else None
+def test_killed_study_resumes_the_trial(tiny_qwen3, tmp_path, monkeypatch):
+    """kill -9 during a trial; the re-run takes the trial over (once its heartbeat is stale) and finishes with
+    exactly the trials of an uninterrupted study, none run twice, none lost."""
+    import subprocess
+    import sys
 
-    monkeypatch.setattr(training.CheckpointTriggers, "on_epoch_end", stop_after_first_epoch, raising=False)
-    with pytest.raises(UserError, match="training interrupted"):
-        run_study(cfg, phases=["data", "train"], only=["adamw"])
-    run_dir = tmp_path / "s3" / "experiments" / "adamw"
-    assert list((run_dir / "checkpoints").glob("checkpoint-*")) and markers.read(run_dir) is None
-    study = run_study(cfg, phases=["data", "train"], only=["adamw"])
-    assert _statuses(study) == {"data": "skipped", "train[adamw]": "done"}
-    assert markers.read(run_dir)["resumed"] is True
-    epochs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in epochs if r["type"] == "epoch"] == [1, 2]
+    import optuna
+
+    from qwen_ft.study import phases
+
+    out = tmp_path / "k"
+    path = _config(tiny_qwen3, out)
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_TRIAL)
+    env = {**os.environ, "KILL_AT": "5"}  # inside the second trial of adamw
+    proc = subprocess.run([sys.executable, str(script), "study", "--config", str(path), "--phases", "data", "train",
+                           "--optimizers", "adamw"], env=env, capture_output=True, text=True)
+    assert proc.returncode == -9
+    assert len(_trials(out, "adamw")) == 1
+    monkeypatch.setattr(phases, "HEARTBEAT_S", 1)  # this worker calls a trial stale after 3 s without heartbeat
+    storage = f"sqlite:///{out / 'optuna.db'}"
+    study = run_study(load_study_config([path]), phases=["train"], only=["adamw"])
+    assert [t["k"] for t in _trials(out, "adamw")] == [0, 1]
+    name = next(s.study_name for s in optuna.get_all_study_summaries(storage) if s.study_name.startswith("adamw"))
+    complete = [t for t in optuna.load_study(study_name=name, storage=storage).trials
+                if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.user_attrs["k"] for t in complete) == [0, 1]
+    assert any(o["name"] == "final[adamw, seed 2]" and o["status"] == "done" for o in study.outcomes)
+
+
+def test_two_workers_share_the_trials(tiny_qwen3, tmp_path):
+    """Two worker processes on one SQLite storage: every trial runs exactly once."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "w"
+    path = _config(tiny_qwen3, out, "protocol: {trials: 4, final_seeds: [1], tune_rows: 8, trial_max_steps: 2, "
+                                    "eval_steps: 2, final_max_steps: 2}\n")
+    assert subprocess.run([sys.executable, "-m", "qwen_ft", "study", "--config", str(path), "--phases", "data"],
+                          capture_output=True).returncode == 0
+    cmd = [sys.executable, "-m", "qwen_ft", "study", "--config", str(path), "--phases", "train", "--optimizers",
+           "adamw"]
+    workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], logs
+    ran = [line for log in logs for line in log.splitlines() if "tuning accuracy" in line and "trial " in line]
+    assert len(ran) == 4, ran  # four trials trained, none twice
+    assert sorted(t["k"] for t in _trials(out, "adamw")) == [0, 1, 2, 3]
 
 
 def test_study_config_errors(tiny_qwen3, tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("optimizer: {adamw: {}}\n")
-    with pytest.raises(UserError, match="unknown key 'optimizer'"):
+    bad.write_text(f"model: {{model: {tiny_qwen3}}}\noptimizers:\n  '../../victim': {{}}\n")
+    with pytest.raises(UserError, match="plain name"):
         load_study_config([bad])
-    bad.write_text("optimizers: {adamw: {}, sgd: {kwargs: {momentun: 0.9}}}\n")
-    with pytest.raises(UserError, match="optimizers.sgd.*momentun"):
+    bad.write_text(f"model: {{model: {tiny_qwen3}}}\noptimizers:\n  a: {{optimizer: this.s}}\n")
+    with pytest.raises(UserError, match="this.s"):
         load_study_config([bad])
-    with pytest.raises(UserError, match="not in the config"):
-        run_study(load_study_config([_config(tiny_qwen3, tmp_path / "s4")]), only=["adabound"])
+    bad.write_text(f"model: {{model: {tiny_qwen3}}}\noptimizers:\n  adamw: {{search: {{learning_rate: [1, 0.1]}}}}\n")
+    with pytest.raises(UserError, match="low < high"):
+        load_study_config([bad])
+    bad.write_text(f"model: {{model: {tiny_qwen3}}}\nprotocl: {{trials: 2}}\n")
+    with pytest.raises(UserError, match="did you mean 'protocol'"):
+        load_study_config([bad])
+    (tmp_path / "file").write_text("x")
+    bad.write_text(f"model: {{model: {tiny_qwen3}}}\noutput_dir: {tmp_path / 'file'}\n")
+    with pytest.raises(UserError, match="not a folder"):
+        load_study_config([bad])
+
+
+def test_data_phase_never_overwrites_foreign_files(tiny_qwen3, tmp_path):
+    out = tmp_path / "mine"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "train.jsonl").write_text("my own data\n")
+    with pytest.raises(UserError, match="did not write"):
+        run_study(load_study_config([_config(tiny_qwen3, out)]), phases=["data"])
+    assert (out / "data" / "train.jsonl").read_text() == "my own data\n"

@@ -1,4 +1,5 @@
-"""`qwen-ft study`: compare optimizers - data -> train (x optimizers) -> merge -> eval -> analysis."""
+"""`qwen-ft study`: compare optimizers under one tuning protocol - data -> train (trials, finals) -> merge ->
+eval (baselines) -> analysis. Resumable; several workers may run it at once on one study."""
 
 from __future__ import annotations
 
@@ -7,21 +8,36 @@ from qwen_ft.study.phases import Study, run_study
 
 
 def run(configs: list[str], seed: int | None = None, phases: list[str] | None = None,
-        optimizers: list[str] | None = None, force: bool = False, output_dir: str | None = None) -> Study:
-    cfg = load_study_config(configs, {"seed": seed, "output_dir": output_dir})
-    return run_study(cfg, phases, optimizers, force)
+        optimizers: list[str] | None = None, force: bool = False, output_dir: str | None = None,
+        trust_remote_code: bool = False) -> Study:
+    cfg = load_study_config([packaged_config(c) for c in configs], {"seed": seed, "output_dir": output_dir})
+    return run_study(cfg, phases, optimizers, force, trust_remote_code)
+
+
+def packaged_config(name: str) -> str:
+    """`--config demo` (and other names without a path) is the config of that name shipped in the package."""
+    from importlib import resources
+    from pathlib import Path
+
+    if Path(name).exists() or "/" in name or name.endswith((".yaml", ".yml")):
+        return name
+    packaged = resources.files("qwen_ft").joinpath("configs", f"{name}.yaml")
+    return str(packaged) if packaged.is_file() else name
 
 
 def add_parser(sub, name: str) -> None:
-    p = sub.add_parser(name, help="Compare optimizers: data, train, merge, eval, analysis (resumable).")
+    p = sub.add_parser(name, help="Compare optimizers: equal tuning budget, several seeds, paired statistics.")
     p.add_argument("--config", action="append", required=True,
-                   help="Study YAML (e.g. configs/demo.yaml); repeat to layer files (later ones win).")
-    p.add_argument("--seed", type=int, default=None, help="Seed for splits, LoRA init and data order.")
+                   help="Study YAML (e.g. configs/demo.yaml, or 'demo' for the packaged one); repeat to layer files.")
+    p.add_argument("--seed", type=int, default=None, help="Seed for splits, trial points and the trials' runs.")
     p.add_argument("--phases", nargs="+", choices=PHASES, default=None, help="Run only these phases.")
     p.add_argument("--optimizers", nargs="+", default=None, help="Run only these optimizers of the config.")
     p.add_argument("--force", action="store_true", help="Redo the selected phases even when up to date.")
     p.add_argument("--output-dir", default=None, help="Study folder (overrides output_dir in the config).")
-    p.set_defaults(func=lambda a: run(a.config, a.seed, a.phases, a.optimizers, a.force, a.output_dir))
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="Allow the model's own Python code (never read from the config).")
+    p.set_defaults(func=lambda a: run(a.config, a.seed, a.phases, a.optimizers, a.force, a.output_dir,
+                                      a.trust_remote_code))
 
 
 def phase_script(phases: list[str], argv: list[str], doc: str | None, positional_optimizer: bool = False) -> int:
@@ -34,10 +50,10 @@ def phase_script(phases: list[str], argv: list[str], doc: str | None, positional
     from qwen_ft import distributed as dist
     from qwen_ft.errors import UserError
 
-    p = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None)
+    p = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None, allow_abbrev=False)
     if positional_optimizer:
         p.add_argument("optimizer", help="Optimizer of the study config (adamw, sgd, adabound, ...).")
-        p.add_argument("run_dir", nargs="?", help="The study's run folder for it (checked, optional).")
+        p.add_argument("run_dir", nargs="?", help="The study's folder for it (<output_dir>/finals/OPTIMIZER; checked).")
     else:
         p.add_argument("--optimizers", nargs="+", default=None)
     p.add_argument("--config", action="append", default=None,
@@ -53,9 +69,9 @@ def phase_script(phases: list[str], argv: list[str], doc: str | None, positional
         cfg = load_study_config(configs, {"seed": a.seed, "output_dir": a.output_dir})
         only = [a.optimizer] if positional_optimizer else a.optimizers
         if positional_optimizer and a.run_dir is not None:
-            expected = Study(cfg).run_dir(a.optimizer)
-            if Path(a.run_dir).resolve() != expected.resolve():
-                raise UserError(f"the study's run folder for {a.optimizer} is {expected}, not {a.run_dir}",
+            expected = cfg.out / "finals" / a.optimizer
+            if Path(a.run_dir).resolve() not in (expected.resolve(), (cfg.out / "experiments" / a.optimizer).resolve()):
+                raise UserError(f"the study's folder for {a.optimizer} is {expected}, not {a.run_dir}",
                                 f"Pass {expected} (or nothing), or set output_dir in the config.")
         run_study(cfg, phases, only, a.force)
     except UserError as e:

@@ -1,48 +1,81 @@
-"""The study's typed config: the shared training sections of `qwen-ft train` plus the optimizers to compare.
+"""The study's typed config: one `TrainConfig` (the sections of `qwen-ft train`, shared by every run) plus
+the tuning protocol, the optimizers to compare, evaluation and merging.
 
-A study YAML holds `model:`, `data:`, `lora:`, `optim:`, `train:` (exactly as for `qwen-ft train`; they
-apply to every optimizer), `merge:`, `eval:`, and `optimizers:` - a mapping from a name to overrides:
+A study YAML holds `model:`, `data:`, `lora:`, `optim:`, `train:` (exactly as for `qwen-ft train`), then:
 
+    protocol:                       # identical for every optimizer
+      trials: 6                     # per optimizer
+      sampler: qmc                  # qmc: scrambled Sobol points (quasirandom); tpe; random
+      final_seeds: [1, 2, 3]
+      tune_rows: 300                # tuning split carved from the training data (never the validation set)
+      trial_max_steps: 120          # budget of a trial; finals use final_max_steps (default: train.epochs)
+      eval_steps: 40                # tuning-split loss every N steps: checkpoint selection + early stopping
+      curve_every: 40               # finals: accuracy on curve_rows validation questions every N steps
+      target: 0.35                  # time-to-target: the first step/second at which accuracy >= target
     optimizers:
-      adamw: {}                                   # the registry's defaults
-      sgd: {learning_rate: 0.05, kwargs: {nesterov: true}}
-      sgd_plain: {optimizer: sgd, kwargs: {momentum: 0.0}}        # a variant of a registered one
-      adagrad: {target: torch.optim.Adagrad, lr: 0.01, kwargs: {lr_decay: 0.0}}   # a new one
+      adamw:
+        search: {learning_rate: {low: 1.0e-4, high: 3.0e-3, log: true}}
+      adabound:
+        search: {learning_rate: {...}, final_lr: {...}, gamma: {...}}   # non-optim keys: optimizer kwargs
+        fixed: {weight_decay: 0.0}                                        # optim keys or kwargs, not searched
 
-Overrides take any `optim:` key (learning_rate, weight_decay, warmup_ratio, max_grad_norm, lr_scheduler,
-kwargs, optimizer). `include: [other.yaml]` loads other files first (paths relative to this one), so
-that `training_config.yaml` can pull in `model_config.yaml`.
-Precedence: defaults < model-size preset < YAML < per-optimizer entry < environment < CLI flags.
+`include: [other.yaml]` loads other files first (paths relative to this one). Precedence: defaults <
+model-size preset < YAML < environment < command-line flags. Reading a config never registers,
+imports or runs anything named in it: optimizer names resolve through `optimizers.check` (an allow-list).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qwen_ft import optimizers
-from qwen_ft.config import (
-    DataArgs,
-    LoraArgs,
-    ModelArgs,
-    OptimArgs,
-    TrainArgs,
-    TrainConfig,
-    arg,
-    build,
-    env_overrides,
-    flatten,
-    load_yaml,
-    resolve,
-)
+from qwen_ft.config import OptimArgs, TrainConfig, arg, build, env_overrides, load_yaml
 from qwen_ft.errors import Problems, UserError
 
 PHASES = ("data", "train", "merge", "eval", "analysis")
 SHARED = ("model", "data", "lora", "optim", "train")
-NEW_OPTIMIZER_KEYS = ("target", "lr")
+OPTIM_KEYS = tuple(f.name for f in dataclasses.fields(OptimArgs) if f.name not in ("optimizer", "kwargs"))
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # optimizer names become folder names
+
+
+@dataclass
+class ProtocolArgs:
+    trials: int = arg(4, "Trials per optimizer (the same number for every optimizer).")
+    sampler: str = arg("qmc", "qmc: scrambled Sobol points (quasirandom, enqueued, several workers); tpe: Optuna's "
+                       "TPE (sequential); random.", choices=("qmc", "tpe", "random"))
+    final_seeds: list = arg([1, 2], "Seeds of the final runs of each optimizer's best trial (LoRA init, data order).")
+    tune_rows: int = arg(100, "Rows carved from the training data as the tuning split (trial scores, checkpoint "
+                              "selection, early stopping); disjoint from the validation set.")
+    trial_max_steps: int | None = arg(None, "Optimizer steps per trial (default: the train section's epochs).")
+    final_max_steps: int | None = arg(None, "Optimizer steps per final run (default: the train section's epochs).")
+    eval_steps: int | None = arg(None, "Tuning-split loss every N steps (default: every epoch).")
+    curve_every: int | None = arg(None, "Finals: accuracy on `curve_rows` validation questions every N steps "
+                                        "(time-to-target; default: eval_steps).")
+    curve_rows: int = arg(200, "Validation questions scored for the learning curves (a fixed seeded sample).")
+    target: float | None = arg(None, "Accuracy whose first attainment gives time-to-target and steps-to-target.")
+    equivalence_margin: float = arg(0.02, "TOST margin: 'equivalent' only when the difference is shown to lie "
+                                          "within +-margin (0.02 = 2 points).")
+    storage: str | None = arg(None, "Optuna storage URL (default sqlite:///<output_dir>/optuna.db); an RDB URL "
+                                    "(postgresql://..., mysql://...) lets workers on several machines share it.")
+
+
+@dataclass
+class EvalArgs:
+    split: str = arg("validation", "Split of the data phase that scores the finals.", choices=("validation", "test"))
+    batch_size: int = arg(16, "Prompts per forward pass.")
+    max_samples: int | None = arg(None, "Score only the first N rows of the split (quick looks).")
+    decode: str = arg("constrained", "constrained: greedy over the row's answers (fast); exact: each answer's "
+                      "full probability, argmax.", choices=("constrained", "exact"))
+    normalize: str = arg("none", "Exact scoring: divide each answer's log-probability by its tokens (token) or "
+                         "characters (char, lm-evaluation-harness acc_norm).", choices=("none", "token", "char"))
+    precision: str = arg("auto", "Inference dtype: auto (bf16 where supported, else fp32), fp32, bf16.",
+                         choices=("auto", "fp32", "bf16", "fp16"))
 
 
 @dataclass
@@ -51,102 +84,71 @@ class MergeArgs:
                      choices=("auto", "fp32", "bf16", "fp16"))
     verify_samples: int = arg(4, "Prompts on which merged logits are checked against base+adapter logits (fp32).")
     tolerance: float = arg(1e-3, "Largest allowed |merged - (base+adapter)| logit difference, relative to the "
-                                 "largest logit (fp32 rounding of W + BA is ~1e-6).")
+                                 "largest logit.")
 
 
 @dataclass
-class EvalArgs:
-    split: str = arg("validation", "Split of the data phase that is scored.", choices=("validation", "test"))
-    batch_size: int = arg(16, "Prompts per forward pass.")
-    max_samples: int | None = arg(None, "Score only the first N rows of the split (quick looks).")
-    decode: str = arg("constrained", "constrained: greedy decoding over the row's answers (fast, as `qwen-ft "
-                      "validate`); exact: each answer's full probability, argmax.", choices=("constrained", "exact"))
-    free_decode: bool = arg(False, "Also decode freely (greedy text must equal an answer), for comparison.")
-    precision: str = arg("auto", "Inference dtype: auto (bf16 where supported, else fp32), fp32, bf16, fp16.",
-                         choices=("auto", "fp32", "bf16", "fp16"))
+class SearchRange:
+    low: float
+    high: float
+    log: bool = True
+
+
+@dataclass
+class OptimizerEntry:
+    """One arm of the comparison: an optimizer, its search space and its fixed settings."""
+
+    name: str
+    optimizer: str
+    search: dict[str, SearchRange]
+    fixed: dict[str, Any]
+
+    def optim(self, base: OptimArgs, params: dict[str, float]) -> OptimArgs:
+        """The OptimArgs of a run with `params` (a point of the search space)."""
+        o = copy.deepcopy(base)
+        o.optimizer = self.optimizer
+        o.learning_rate = None
+        o.kwargs = dict(base.kwargs or {})
+        for key, value in {**self.fixed, **params}.items():
+            if key == "kwargs":
+                o.kwargs.update(value or {})
+            elif key in OPTIM_KEYS:
+                setattr(o, key, value)
+            else:
+                o.kwargs[key] = value
+        return o
+
+    def spec(self) -> dict:
+        return {"optimizer": self.optimizer, "fixed": self.fixed,
+                "search": {k: dataclasses.asdict(v) for k, v in self.search.items()}}
 
 
 @dataclass
 class StudyConfig:
-    model: ModelArgs = field(default_factory=ModelArgs)
-    data: DataArgs = field(default_factory=DataArgs)
-    lora: LoraArgs = field(default_factory=LoraArgs)
-    optim: OptimArgs = field(default_factory=OptimArgs)
-    train: TrainArgs = field(default_factory=TrainArgs)
-    merge: MergeArgs = field(default_factory=MergeArgs)
+    base: TrainConfig
+    protocol: ProtocolArgs = field(default_factory=ProtocolArgs)
     eval: EvalArgs = field(default_factory=EvalArgs)
-    optimizers: dict = arg({"adamw": {}, "sgd": {}, "adabound": {}},
-                           "Optimizer name -> overrides (optim keys), or {target, lr, kwargs} for a new one.")
-    output_dir: str = arg(".", "Study folder: data/, experiments/<opt>/, models/<opt>/, results/, notebooks/.")
-    seed: int = arg(42, "Seed for sampling, splitting, LoRA init and data order (the same for every optimizer).")
-    val_loss_samples: int | None = arg(None, "Rows of the validation split used for the per-epoch validation "
-                                             "loss while training (seeded sample; default all). Accuracy is "
-                                             "always computed on the whole eval split.")
-    include: list[str] = arg([], "Other YAML files loaded first (paths relative to this file).")
+    merge: MergeArgs = field(default_factory=MergeArgs)
+    optimizers: dict[str, OptimizerEntry] = field(default_factory=dict)
+    output_dir: str = "."
+    seed: int = 42
+    demo: bool = False
 
-    # ------------------------------------------------------------------ derived views
     @property
     def out(self) -> Path:
         return Path(self.output_dir)
 
-    def shared_user(self) -> dict[str, Any]:
-        """The shared sections as flat `qwen-ft train` keys; unset (None) keys stay with the preset."""
-        shared = {k: v for k, v in dataclasses.asdict(self).items() if k in SHARED}
-        flat = {k: v for k, v in flatten(shared).items() if v is not None}
-        flat.pop("train.output_dir", None)
-        flat["train.seed"] = self.seed
-        return flat
-
-    def optimizer_user(self, name: str) -> dict[str, Any]:
-        """The shared keys + this optimizer's overrides, ready for `run_train`."""
-        entry = dict(self.optimizers[name] or {})
-        user = self.shared_user()
-        if "target" in entry:  # a new optimizer: register it under its study name
-            optimizers.from_yaml(name, {k: entry.pop(k) for k in ("target", "lr", "kwargs") if k in entry})
-            user["optim.learning_rate"] = optimizers.get(name).default_lr
-        user["optim.optimizer"] = entry.pop("optimizer", name)
-        user.update({f"optim.{k}": v for k, v in entry.items()})
-        return user
-
-    def validate(self) -> None:
-        p = Problems()
-        p.check(bool(self.optimizers), "optimizers: list at least one optimizer")
-        p.check(self.eval.batch_size > 0, f"eval.batch_size must be > 0 (got {self.eval.batch_size})")
-        p.check(self.eval.max_samples is None or self.eval.max_samples > 0, "eval.max_samples must be > 0")
-        p.check(self.merge.verify_samples > 0, "merge.verify_samples must be > 0")
-        p.check(self.val_loss_samples is None or self.val_loss_samples > 0, "val_loss_samples must be > 0")
-        for name, entry in self.optimizers.items():
-            where = f"optimizers.{name}"
-            try:
-                user = self.optimizer_user(name) if _entry_ok(where, entry, p) else None
-                if user is not None:
-                    cfg = resolve(TrainConfig, [user], where)
-                    if cfg.optim.learning_rate is not None:
-                        optimizers.resolve(cfg.optim.optimizer, cfg.optim.learning_rate, cfg.optim.weight_decay,
-                                           cfg.optim.kwargs)
-                    else:
-                        optimizers.check_kwargs(optimizers.get(cfg.optim.optimizer), cfg.optim.kwargs)
-            except UserError as e:
-                p.items.extend(f"{where}: {m}" if not m.startswith(where) else m for m in e.problems)
-        p.raise_if_any("See configs/demo.yaml for a complete study config.")
-
-
-def _entry_ok(where: str, entry: Any, p: Problems) -> bool:
-    if entry is None:
-        return True
-    if not isinstance(entry, dict):
-        p.add(f"{where}: expected a mapping of overrides, got {entry!r}")
-        return False
-    known = [f.name for f in dataclasses.fields(OptimArgs)] + list(NEW_OPTIMIZER_KEYS)
-    bad = [k for k in entry if k not in known]
-    for k in bad:
-        close = difflib.get_close_matches(str(k), known, n=1)
-        p.add(f"{where}: unknown key '{k}'" + (f" (did you mean '{close[0]}'?)" if close else
-                                               f" (known: {', '.join(known)})"))
-    return not bad
+    def spec(self) -> dict:
+        """What study.json records (the report reads it)."""
+        return {"protocol": dataclasses.asdict(self.protocol), "eval": dataclasses.asdict(self.eval),
+                "optimizers": {n: e.spec() for n, e in self.optimizers.items()}, "seed": self.seed,
+                "demo": self.demo}
 
 
 # ----------------------------------------------------------------------------- loading
+
+STUDY_KEYS = {"protocol", "eval", "merge", "optimizers", "output_dir", "seed", "demo", "include"}
+
 
 def read_layers(paths: list[str | Path]) -> dict:
     """Nested dict from YAML files (later files win), following `include:` lists."""
@@ -172,28 +174,123 @@ def _read_with_includes(path: Path, seen: set) -> dict:
 
 
 def _merge(base: dict, top: dict) -> None:
-    """Deep merge of sections (later wins); `kwargs` mappings are replaced as a whole."""
+    """Deep merge of sections (later wins); `kwargs` and `search` mappings are replaced as a whole."""
     for k, v in top.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "kwargs":
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in ("kwargs", "search"):
             _merge(base[k], v)
         else:
             base[k] = v
 
 
+DEFAULT_OPTIMIZERS = {"adamw": {}, "sgd": {}, "adabound": {}}
+
+
 def load_study_config(paths: list[str | Path], overrides: dict | None = None,
                       env: dict | None = None) -> StudyConfig:
-    """YAML files (in order) < environment overrides < `overrides` (flat keys such as 'seed', 'output_dir')."""
+    """YAML files (in order) < environment overrides < `overrides` (seed, output_dir from the command line)."""
     data = read_layers(paths) if paths else {}
     where = ", ".join(str(p) for p in paths) or "study config"
-    cfg = build(StudyConfig, data, where)
-    if data.get("optimizers") is not None and not isinstance(data["optimizers"], dict):
-        raise UserError(f"{where}: optimizers must be a mapping name -> overrides")
+    p = Problems()
+    for key in data:
+        if key not in STUDY_KEYS and key not in SHARED:
+            close = difflib.get_close_matches(str(key), [*STUDY_KEYS, *SHARED], n=1)
+            p.add(f"{where}: unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    base = p.attempt(build, TrainConfig, {k: data[k] for k in SHARED if k in data}, where)
+    protocol = p.attempt(build, ProtocolArgs, data.get("protocol") or {}, f"{where}: protocol")
+    ev = p.attempt(build, EvalArgs, data.get("eval") or {}, f"{where}: eval")
+    merge = p.attempt(build, MergeArgs, data.get("merge") or {}, f"{where}: merge")
+    p.raise_if_any("See configs/demo.yaml for a complete study config.")
     for key, value in env_overrides(env).items():
         section, leaf = key.split(".")
-        setattr(getattr(cfg, section), leaf, value)
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            setattr(cfg, key, value)
-    cfg = build(StudyConfig, dataclasses.asdict(cfg), where)  # re-coerce env/override values to their types
-    cfg.validate()
+        setattr(getattr(base, section), leaf, value)
+    base = build(TrainConfig, dataclasses.asdict(base), where)  # re-coerce environment values to their types
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    cfg = StudyConfig(base=base, protocol=protocol, eval=ev, merge=merge,
+                      output_dir=str(overrides.get("output_dir", data.get("output_dir", "."))),
+                      seed=int(overrides.get("seed", data.get("seed", 42))), demo=bool(data.get("demo", False)))
+    raw = data.get("optimizers", DEFAULT_OPTIMIZERS)
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"{where}: optimizers must be a mapping name -> entry with at least one optimizer")
+    cfg.optimizers = _entries(raw, where)
+    validate(cfg, where)
     return cfg
+
+
+def _entries(raw: dict, where: str) -> dict[str, OptimizerEntry]:
+    p = Problems()
+    out = {}
+    for name, entry in raw.items():
+        at = f"{where}: optimizers.{name}"
+        name = str(name)
+        if not PLAIN_NAME.match(name):
+            p.add(f"{at}: the name must be a plain name (letters, digits, '_' or '-', at most 64): it becomes a "
+                  "folder name")
+            continue
+        entry = entry or {}
+        if not isinstance(entry, dict):
+            p.add(f"{at}: expected a mapping with optimizer / search / fixed, got {entry!r}")
+            continue
+        unknown = [k for k in entry if k not in ("optimizer", "search", "fixed")]
+        for k in unknown:
+            hint = " (put it under 'fixed:' or 'search:')" if k in OPTIM_KEYS or k == "kwargs" else ""
+            p.add(f"{at}: unknown key '{k}'{hint}")
+        search, fixed = entry.get("search") or {}, entry.get("fixed") or {}
+        if not isinstance(search, dict) or not isinstance(fixed, dict):
+            p.add(f"{at}: search and fixed must be mappings")
+            continue
+        ranges = {}
+        for key, r in search.items():
+            rng = _range(f"{at}.search.{key}", r, p)
+            if rng is not None:
+                ranges[str(key)] = rng
+        out[name] = OptimizerEntry(name, str(entry.get("optimizer", name)), ranges, dict(fixed))
+    p.raise_if_any("Each optimizer entry: {optimizer: NAME, search: {learning_rate: {low, high, log}}, fixed: {...}}")
+    return out
+
+
+def _range(at: str, r: Any, p: Problems) -> SearchRange | None:
+    if isinstance(r, (list, tuple)) and len(r) == 2:
+        r = {"low": r[0], "high": r[1]}
+    if not isinstance(r, dict) or set(r) - {"low", "high", "log"} or not {"low", "high"} <= set(r):
+        p.add(f"{at}: expected {{low: X, high: Y, log: true|false}} or [X, Y], got {r!r}")
+        return None
+    try:
+        rng = SearchRange(float(r["low"]), float(r["high"]), bool(r.get("log", True)))
+    except (TypeError, ValueError):
+        p.add(f"{at}: low and high must be numbers, got {r!r}")
+        return None
+    if not rng.low < rng.high or (rng.log and rng.low <= 0):
+        p.add(f"{at}: need low < high (and low > 0 on a log scale), got {rng.low}..{rng.high}")
+        return None
+    return rng
+
+
+def validate(cfg: StudyConfig, where: str) -> None:
+    pr, p = cfg.protocol, Problems()
+    p.check(pr.trials >= 1, f"{where}: protocol.trials must be >= 1 (got {pr.trials})")
+    p.check(bool(pr.final_seeds) and all(isinstance(s, int) or str(s).lstrip("-").isdigit()
+                                        for s in pr.final_seeds),
+            f"{where}: protocol.final_seeds must be a list of integers (got {pr.final_seeds})")
+    pr.final_seeds = [int(s) for s in pr.final_seeds] if p.items == [] else pr.final_seeds
+    p.check(len(set(pr.final_seeds)) == len(pr.final_seeds), f"{where}: protocol.final_seeds repeat a seed")
+    p.check(pr.tune_rows >= 2, f"{where}: protocol.tune_rows must be >= 2")
+    for key in ("trial_max_steps", "final_max_steps", "eval_steps", "curve_every"):
+        v = getattr(pr, key)
+        p.check(v is None or v > 0, f"{where}: protocol.{key} must be > 0 (got {v})")
+    p.check(pr.curve_rows >= 1, f"{where}: protocol.curve_rows must be >= 1")
+    p.check(pr.target is None or 0 < pr.target <= 1, f"{where}: protocol.target is an accuracy in (0, 1]")
+    p.check(0 < pr.equivalence_margin < 1, f"{where}: protocol.equivalence_margin must be in (0, 1)")
+    p.check(cfg.eval.batch_size > 0, f"{where}: eval.batch_size must be > 0")
+    p.check(cfg.eval.decode == "exact" or cfg.eval.normalize == "none",
+            f"{where}: eval.normalize {cfg.eval.normalize} needs eval.decode exact")
+    p.check(cfg.merge.verify_samples > 0, f"{where}: merge.verify_samples must be > 0")
+    p.attempt(cfg.base.validate)
+    for name, entry in cfg.optimizers.items():
+        kwargs = entry.optim(cfg.base.optim, {k: r.low for k, r in entry.search.items()}).kwargs
+        try:
+            optimizers.check(entry.optimizer, kwargs)
+        except UserError as e:
+            p.items.extend(f"{where}: optimizers.{name}: {m}" for m in e.problems)
+    out = cfg.out
+    p.check(not out.exists() or out.is_dir(), f"{where}: output_dir {out} exists and is not a folder")
+    p.raise_if_any("See configs/demo.yaml for a complete study config.")
