@@ -364,8 +364,10 @@ def test_edited_label_mapping_is_refused_not_scored_as_zero(capsys, finished, tm
     (finished / "label_mapping.json").write_text(json.dumps(edited))
     with pytest.raises(UserError, match="disagrees with the run's split files"):
         RunDir(finished).label_mapping()
-    err = fail(capsys, ["merge", "--model-path", str(finished), "--output-dir", str(tmp_path / "m")])
-    assert "disagrees with the run's split files" in err and "restore the original" in err
+    for argv in (["merge", "--model-path", str(finished), "--output-dir", str(tmp_path / "m")],
+                 ["validate", "--model-path", str(finished)]):
+        err = fail(capsys, argv)
+        assert "disagrees with the run's split files" in err and "restore the original" in err
     (finished / "label_mapping.json").write_text(json.dumps({**mapping, "labels": mapping["labels"][:-1]}))
     with pytest.raises(UserError, match="label_to_id"):
         RunDir(finished).label_mapping()
@@ -499,6 +501,26 @@ def test_fifo_as_data_is_refused_without_hanging(capsys, tiny_qwen3, tmp_path):
 
             with pytest.raises(UserError, match="regular files"):
                 check_regular_file(Path(device))
+
+
+def test_fifo_as_config_is_refused(capsys, tiny_qwen3, tmp_path):
+    fifo = tmp_path / "c.yaml"
+    os.mkfifo(fifo)
+    err = fail(capsys, [*tiny_train_args(tiny_qwen3, tmp_path / "out"), "--config", str(fifo)])
+    assert "is not a regular file" in err
+
+
+def test_repeated_choices_with_text_answers_are_warned_about(tmp_path, caplog):
+    from qwen_ft.config import DataArgs
+    from qwen_ft.data.prepare import prepare
+
+    rows = mc_rows(12)
+    rows[3]["choices"]["text"][2] = rows[3]["choices"]["text"][0]
+    rows[4]["choices"]["text"][0] = rows[4]["choices"]["text"][1]
+    data = write_jsonl(tmp_path / "mc.jsonl", rows)
+    with caplog.at_level(logging.WARNING):
+        prepare(DataArgs(data=str(data), answer_format="text"), 42)
+    assert "2 multiple-choice rows list the same choice twice" in caplog.text
 
 
 def test_os_errors_are_user_errors(capsys, tiny_qwen3, tmp_path):

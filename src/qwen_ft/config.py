@@ -330,6 +330,8 @@ def unflatten(flat: dict[str, Any]) -> dict:
 
 def load_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
+    if path.exists() and not path.is_file():  # a folder, a FIFO (reading it would hang), a device
+        raise UserError(f"config file {path} is not a regular file", "Pass a YAML file to --config.")
     if not path.is_file():
         raise UserError(f"config file not found: {path}", "Pass an existing YAML file to --config.")
     try:

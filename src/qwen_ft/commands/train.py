@@ -20,7 +20,9 @@ def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="LoRA-train a model to generate labels; writes a run folder.")
     p.add_argument("--config", help="YAML file with sections model/data/lora/optim/train.")
     p.add_argument("--resume", action="store_true", help="Continue the unfinished run in --output-dir.")
-    p.add_argument("--overwrite", action="store_true", help="Replace a finished run in --output-dir.")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Replace the qwen-ft run in --output-dir (never another folder): the new run is built beside "
+                        "it and replaces it only when complete.")
     add_config_flags(p)
     p.set_defaults(func=lambda a: run_train(user_layers(a), resume=a.resume, overwrite=a.overwrite,
                                             config_file=a.config))

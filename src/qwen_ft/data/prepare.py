@@ -178,6 +178,8 @@ def prepare(data: DataArgs, seed: int) -> Prepared:
         p.check(len(splits[name]) > 0, f"the {name} split is empty ({len(rows)} rows in all)")
     p.raise_if_any("Use more rows (raise --max-samples-per-category) or change the split fractions.")
 
+    if is_mc and (data.answer_format == "text" or data.prompt_style == "plain"):
+        _warn_repeated_choices(splits["train"] + splits["validation"] + splits["test"])
     if is_mc:
         task = TASKS[task_name].create(rows + splits["validation"], data.instruction, data.question_template,
                                        data.answer_format, data.prompt_style)
@@ -192,6 +194,17 @@ def prepare(data: DataArgs, seed: int) -> Prepared:
             task.extra["prompt_style"] = data.prompt_style
     _check_template(task)
     return Prepared(task=task, splits=splits, dropped=dropped, duplicates=duplicates)
+
+
+def _warn_repeated_choices(rows: list[dict]) -> None:
+    """With text answers, two identical choices are one answer: the model's text maps to the first of them."""
+    repeated = [r for r in rows if len({c.strip() for c in r["choices"]}) < len(r["choices"])]
+    if repeated:
+        later = sum(1 for r in repeated if r["choices"].index(r["choices"][ord(r["label"]) - ord("A")])
+                    != ord(r["label"]) - ord("A"))
+        log.warning("%d multiple-choice rows list the same choice twice; with text answers the model's answer maps "
+                    "to the first copy, so the %d of them whose answer is a later copy can never be scored right "
+                    "(use --answer-format letter, or fix these rows)", len(repeated), later)
 
 
 def _check_template(task: Task) -> None:
