@@ -21,7 +21,7 @@ from qwen_ft.config import TrainConfig, coerce_layer, env_overrides, flag_for, f
 from qwen_ft.errors import UserError, from_os_error
 
 COMMANDS = {"train": "train", "validate": "validate", "test": "predict", "merge": "merge", "study": "study",
-            "predict": "predict_file", "serve": "serve"}
+            "predict": "predict_file", "serve": "serve", "study-compare": "study_compare"}
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:

@@ -143,18 +143,3 @@ def _config_dtype(config) -> torch.dtype:
     if isinstance(value, str):
         value = getattr(torch, value, None)
     return value if isinstance(value, torch.dtype) else torch.float32
-
-
-def load_merged(path: str | os.PathLike, precision: str = "fp32"):
-    """(model, encoder) of a merged folder: the same prompt as training, from its label_mapping.json."""
-    path = Path(path)
-    if not (path / "merge.json").is_file() or not (path / "label_mapping.json").is_file():
-        raise UserError(f"{path} is not a merged model folder (no merge.json / label_mapping.json)",
-                        "Write one with: qwen-ft merge --model-path RUN --output-dir DIR")
-    cfg = TrainConfig.from_dict(yaml.safe_load((path / "config.yaml").read_text()), "config.yaml")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    model = load_model(str(path), dtype, dist.device(), cfg.model.attn_implementation,
-                       cfg.model.trust_remote_code).eval()
-    tokenizer = load_tokenizer(str(path), cfg.model.trust_remote_code, padding_side="left")
-    mapping = yaml.safe_load((path / "label_mapping.json").read_text())
-    return model, PromptEncoder(tokenizer, Task.from_mapping(mapping), cfg.model.max_length)
