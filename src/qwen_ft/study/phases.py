@@ -600,6 +600,10 @@ def run_final(study: Study, opt: str, seed: int, best: dict) -> dict:
 
 
 def train_phase(study: Study, opt: str) -> None:
+    """Tuning trials, then the finals of the best trial. With several workers, each final is claimed by one
+    (a lock beside its folder); a worker skips finals another one holds and waits for them at the end."""
+    from filelock import FileLock, Timeout
+
     p = study.cfg.protocol
     study.summary()  # the data phase must have finished for this config
     h = study.tune_hash(opt)
@@ -608,8 +612,23 @@ def train_phase(study: Study, opt: str) -> None:
     best = best_trial(study, opt)
     log.info("%s: best trial %d (%s), tuning accuracy %.4f", opt, best["k"] + 1, _fmt_params(best["params"]),
              best["score"])
+    (study.cfg.out / "finals" / opt).mkdir(parents=True, exist_ok=True)
+    held = []
     for seed in p.final_seeds:
-        run_final(study, opt, seed, best)
+        claim = FileLock(str(study.cfg.out / "finals" / opt / f".seed-{seed}.claim"))
+        try:
+            claim.acquire(timeout=0)
+        except Timeout:
+            log.info("final[%s, seed %d]: being run by another worker", opt, seed)
+            held.append((seed, claim))
+            continue
+        try:
+            run_final(study, opt, seed, best)
+        finally:
+            claim.release()
+    for seed, claim in held:  # another worker's finals: wait, then take over any it left unfinished
+        with claim:
+            run_final(study, opt, seed, best)
 
 
 # ----------------------------------------------------------------------------- merge, baselines, analysis
