@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """python phases/2_train.py OPTIMIZER [RUN_DIR] [--config FILE] [--seed 42] [--force]
 
-Phase 2: LoRA-train one optimizer of the study (adamw, sgd, adabound, or any the config lists) on the
-cached splits: same seed, data order and budget for each. RUN_DIR, if given, must be the study's run
-folder for it (<output_dir>/experiments/OPTIMIZER, e.g. ./experiments/adamw for configs/demo.yaml).
-An interrupted run resumes from its last checkpoint when the command is repeated.
+Phase 2: tune and train one optimizer of the study (adamw, sgd, adabound, or any the config lists) under
+the study's protocol: its trials (the same number and budget as every other optimizer's, scored on the
+tuning split), then its best trial re-run with every final seed. RUN_DIR, if given, must be the study's
+folder for it (<output_dir>/finals/OPTIMIZER; ./experiments/OPTIMIZER as the seed wrote it is accepted).
+An interrupted run resumes where it stopped when the command is repeated.
 """
 
 import sys

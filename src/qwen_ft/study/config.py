@@ -61,6 +61,9 @@ class ProtocolArgs:
     target: float | None = arg(None, "Accuracy whose first attainment gives time-to-target and steps-to-target.")
     equivalence_margin: float = arg(0.02, "TOST margin: 'equivalent' only when the difference is shown to lie "
                                           "within +-margin (0.02 = 2 points).")
+    tracking: str = arg("none", "Also log every trial and final as a run of one MLflow experiment (a file store in "
+                        "<output_dir>/mlruns; `mlflow ui --backend-store-uri <output_dir>/mlruns`).",
+                        choices=("none", "mlflow"))
     storage: str | None = arg(None, "Optuna storage URL (default sqlite:///<output_dir>/optuna.db); an RDB URL "
                                     "(postgresql://..., mysql://...) lets workers on several machines share it.")
 

@@ -548,6 +548,7 @@ def run_trial(study: Study, opt: str, k: int, params: dict) -> dict:
         info = res["info"]
         rec = {"optimizer": opt, "k": k, "score": info["accuracy"], "state": "complete", "hash": h, **info}
         write_json(out / "trial.json", rec)
+        _track(study, "trial", opt, rec, out)
         log.info("trial %d of %s: tuning accuracy %.4f (n=%d), best step %s of %d; %.0fs training, "
                  "%.1fs scoring, %.1fs overhead", k + 1, opt, rec["score"], info["n"], info["best_step"],
                  info["steps"], info["train_seconds"], info["eval_seconds"], info["overhead_s"])
@@ -591,6 +592,7 @@ def run_final(study: Study, opt: str, seed: int, best: dict) -> dict:
         write_jsonl(out / "eval" / "predictions.jsonl", res["predictions"])
         write_json(out / "eval" / "eval.json", res["report"])
         write_json(out / "result.json", {"optimizer": opt, "from_trial": best["k"], **info})
+        _track(study, "final", opt, {"optimizer": opt, "from_trial": best["k"], **info}, out)
         log.info("final %s seed %d: accuracy %.4f (n=%d), best step %s of %d, %.3fs/step, optimizer state %.1f MB",
                  opt, seed, info["accuracy"], info["n"], info["best_step"], info["steps"], info["step_time_s"],
                  info["optimizer_state_bytes"] / 2**20)
@@ -764,6 +766,14 @@ def run_study(cfg: StudyConfig, phases: list[str] | None = None, only: list[str]
 
 
 # ----------------------------------------------------------------------------- small helpers
+
+def _track(study: Study, kind: str, opt: str, record: dict, run: Path) -> None:
+    """The optional experiment tracker (protocol.tracking): one MLflow run per trial and final, local."""
+    if study.cfg.protocol.tracking == "mlflow" and dist.is_main():
+        from qwen_ft.study.tracking import log_run
+
+        log_run(study.cfg.out, kind, opt, record, run / "metrics.jsonl")
+
 
 def _cache_record(row: dict) -> dict:
     """A split row in a format the loaders read back unchanged (MMLU-style for multiple choice)."""
