@@ -1,4 +1,9 @@
-"""Shared fixtures: a tiny random Qwen3 with the real Qwen3 tokenizer, the shared data folder, runs."""
+"""Shared fixtures: a tiny random Qwen3 with a small ChatML tokenizer built here, the shared folder, runs.
+
+The tests of our own code need nothing beside the repo: the tokenizer is a byte-level BPE trained at
+session start on the bundled demo data, with a ChatML chat template of our own. Only the tests of the
+real Qwen3 chat template and of real data sets use ../shared (`shared_path`: a skip, a failure in CI).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("QWEN_FT_SHARED", REPO.parent / "shared"))
+
+# ChatML as Qwen3 writes it, without the think block: Qwen3's `enable_thinking` is accepted and ignored
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('unsupported role: ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+CHATML_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def shared_path(*parts: str) -> Path:
@@ -23,19 +40,57 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def _demo_texts():
+    """The prompts the tests build: each demo row as its task renders it (instruction, labels, choices)."""
+    from qwen_ft.config import DataArgs
+    from qwen_ft.data.prepare import prepare
+
+    for demo in ("demo", "demo-mc"):
+        prepared = prepare(DataArgs(data=demo), 0)
+        task = prepared.task
+        for rows in prepared.splits.values():
+            for row in rows:
+                yield f"{task.system_message()}\n\n{task.user_message(row)}\n{task.answer(row, row['label'])}"
+
+
+def build_chatml_tokenizer(out: Path, vocab_size: int = 3072):
+    """A byte-level BPE (any text encodes) trained in seconds on the demo data; Qwen3's special tokens,
+    eos <|im_end|>, pad <|endoftext|>, no BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(_demo_texts(), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=CHATML_SPECIAL, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  chat_template=CHATML_TEMPLATE)
+    tok.save_pretrained(out)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("chatml-tokenizer")
+    build_chatml_tokenizer(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def qwen3_tokenizer_dir() -> Path:
     return shared_path("qwen3_tokenizer")
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen3(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
-    """A 2-layer random Qwen3 (hidden 32) saved with the real Qwen3 tokenizer."""
+def tiny_qwen3(tmp_path_factory, chatml_tokenizer_dir) -> Path:
+    """A 2-layer random Qwen3 (hidden 32) saved with the ChatML fixture tokenizer."""
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
     out = tmp_path_factory.mktemp("tiny-qwen3")
-    tok = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)
+    tok = AutoTokenizer.from_pretrained(chatml_tokenizer_dir)
     config = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
                          tie_word_embeddings=True, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
@@ -47,7 +102,16 @@ def tiny_qwen3(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def qwen_tok(qwen3_tokenizer_dir):
+def qwen_tok(chatml_tokenizer_dir):
+    """The tiny Qwen3's tokenizer (the ChatML fixture), loaded as the commands load it."""
+    from qwen_ft.models import load_tokenizer
+
+    return load_tokenizer(str(chatml_tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def real_qwen3_tok(qwen3_tokenizer_dir):
+    """The real Qwen3 tokenizer and chat template (skips without ../shared)."""
     from qwen_ft.models import load_tokenizer
 
     return load_tokenizer(str(qwen3_tokenizer_dir))

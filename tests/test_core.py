@@ -1,9 +1,10 @@
-"""Core invariants on a tiny random Qwen3 with the real Qwen3 tokenizer."""
+"""Core invariants on a tiny random Qwen3 with the ChatML fixture tokenizer (and the real Qwen3 one)."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import yaml
 
@@ -20,7 +21,14 @@ def category_task():
     return CategoryTask.create(["biology", "computer science", "law", "math"])
 
 
-def test_loss_mask_is_answer_plus_end_of_turn(qwen_tok):
+# the prompt ends with the assistant's turn opened; Qwen3's own template adds an empty think block
+PROMPT_ENDS = {"qwen_tok": "<|im_start|>assistant\n",
+               "real_qwen3_tok": "<|im_start|>assistant\n<think>\n\n</think>\n\n"}
+
+
+@pytest.mark.parametrize("tok_fixture", list(PROMPT_ENDS))
+def test_loss_mask_is_answer_plus_end_of_turn(request, tok_fixture):
+    qwen_tok = request.getfixturevalue(tok_fixture)
     enc = PromptEncoder(qwen_tok, category_task(), max_length=256)
     row = {"question": "Which data structure gives O(1) average lookup by key?", "label": "computer science"}
     ex = enc.train_example(row)
@@ -34,7 +42,7 @@ def test_loss_mask_is_answer_plus_end_of_turn(qwen_tok):
     prompt = enc.prompt_ids(row)
     assert ex["input_ids"][: len(prompt)] == prompt
     text = qwen_tok.decode(prompt)
-    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert text.endswith(PROMPT_ENDS[tok_fixture]) and text.count("<|im_start|>assistant") == 1
     assert "computer science" in text and row["question"] in text  # labels listed in the instruction
 
 

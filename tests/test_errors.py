@@ -228,11 +228,11 @@ def test_model_path_without_adapter(capsys, tiny_qwen3, tmp_path):
     assert "run folder not found" in err
 
 
-def test_adapter_on_a_different_base_model(capsys, tiny_run, tmp_path, qwen3_tokenizer_dir):
+def test_adapter_on_a_different_base_model(capsys, tiny_run, tmp_path, chatml_tokenizer_dir):
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
     other = tmp_path / "other-base"
-    tok = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)
+    tok = AutoTokenizer.from_pretrained(chatml_tokenizer_dir)
     Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=48, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8)).save_pretrained(other)
     tok.save_pretrained(other)

@@ -42,8 +42,8 @@ def test_same_seed_same_losses_and_adapter(tiny_qwen3, tmp_path, capsys):
     assert f"{truncated} of " in log_a and "longer than --max-length 96" in log_a
 
 
-def test_truncation_cuts_the_question_never_the_instruction_or_answer(qwen3_tokenizer_dir):
-    tok = load_tokenizer(str(qwen3_tokenizer_dir))
+def test_truncation_cuts_the_question_never_the_instruction_or_answer(chatml_tokenizer_dir):
+    tok = load_tokenizer(str(chatml_tokenizer_dir))
     task = CategoryTask.create(["biology", "computer science", "law"])
     enc = PromptEncoder(tok, task, max_length=96)
     short = {"question": "What is osmosis?", "label": "biology"}
