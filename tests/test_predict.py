@@ -188,20 +188,29 @@ def test_kill_9_then_resume_is_byte_identical(tiny_run, tmp_path):
     assert not (tmp_path / "cut.jsonl.partial").exists() and not (tmp_path / "cut.jsonl.partial.json").exists()
 
 
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set so far (Linux VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
 def watch(proc: subprocess.Popen, record: Path, marks: list[int]) -> dict[int, float]:
-    """Peak RSS (MB) of `proc` up to the moment its record first shows each of `marks` finished rows."""
-    p, peak, seen = psutil.Process(proc.pid), 0.0, {}
+    """Peak RSS (MB) of `proc` when its record first shows each of `marks` finished rows (the last mark: at
+    its last reading before it exited, after its final chunk)."""
+    peak, seen = 0.0, {}
     while proc.poll() is None:
         try:
-            peak = max(peak, p.memory_info().rss / 2**20)
+            peak = max(peak, peak_rss_mb(proc.pid))
             done = json.loads(record.read_text())["rows"]
-        except (psutil.Error, FileNotFoundError, json.JSONDecodeError, KeyError):
+        except (OSError, psutil.Error, json.JSONDecodeError, KeyError):
             done = 0
         for m in marks:
             if done >= m and m not in seen:
                 seen[m] = peak
         time.sleep(0.1)
-    return seen
+    return {m: seen.get(m, peak) for m in marks}
 
 
 @pytest.mark.slow

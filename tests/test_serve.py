@@ -236,3 +236,24 @@ def test_serve_command_drains_in_flight_requests_on_sigterm(tiny_run):
             proc.kill()
     log = proc.stdout.read()
     assert "model loaded" in log and "Shutting down" in log
+
+
+def test_multiple_choice_requests_and_their_errors(tiny_qwen3, tmp_path):
+    run = tmp_path / "mc"
+    assert main(["train", "--model", str(tiny_qwen3), "--data", "demo-mc", "--max-samples", "24", "--epochs", "1",
+                 "--batch-size", "8", "--precision", "fp32", "--output-dir", str(run)]) == 0
+    mc = Classifier.load(run, precision="fp32")
+    row = {"question": "Where do you keep milk cold?", "choices": ["oven", "fridge", "drawer", "car", "roof"]}
+    with running(lambda: mc) as base:
+        wait_ready(base)
+        ok = httpx.post(f"{base}/v1/classify", json={"texts": [row, json.dumps(row)], "top_k": 2})
+        assert ok.status_code == 200
+        expected = mc.classify([row], top_k=2)[0][0]
+        assert [r["label"] for r in ok.json()["results"]] == [expected["pred"]] * 2
+        cases = [({"text": "not json"}, "multiple-choice input must be JSON"),
+                 ({"text": {"question": "q", "choices": [f"c{i}" for i in range(8)]}}, "1 row(s) with 8 choices"),
+                 ({"text": {"question": "q", "choices": ["word " * 400, "other " * 400]}}, "--max-length")]
+        for body, message in cases:
+            r = httpx.post(f"{base}/v1/classify", json=body)
+            assert r.status_code == 422 and message in r.json()["error"]["message"], r.text
+        assert 'code="500"' not in httpx.get(f"{base}/metrics").text

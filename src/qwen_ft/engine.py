@@ -188,7 +188,8 @@ class Classifier:
         self._check_args(decode, normalize, top_k, batch_size)
         self.check_rows(rows)
         if not rows:
-            return [], self._stats(0, 0.0, Counts(), decode, normalize, 0)
+            return [], {**self._stats(0, 0.0, Counts(), decode, normalize, 0), "memory_per_rank": [],
+                        "world_size": dist.world_size() if distributed else 1}
         truncated_before = self.encoder.n_truncated
         prompts = [self.encoder.prompt_ids(r) for r in rows]
         truncated = self.encoder.n_truncated - truncated_before

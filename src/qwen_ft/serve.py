@@ -234,14 +234,18 @@ class Batcher:
         try:
             results, _ = await loop.run_in_executor(self.executor, self._classify, rows,
                                                     max(p.top_k for p in batch))
-        except Exception:
+        except Exception as e:
             if len(batch) > 1:  # one bad request must not fail its neighbours: each alone
                 for p in batch:
                     await self._compute(loop, [p])
                 return
-            log.exception("inference failed for a request of %d texts", len(rows))
+            if isinstance(e, UserError):  # e.g. choices too long for the run's --max-length
+                error = ApiError(422, e.message)
+            else:
+                log.exception("inference failed for a request of %d texts", len(rows))
+                error = ApiError(500, "inference failed for this request", "internal_error")
             if not batch[0].future.done():
-                batch[0].future.set_exception(ApiError(500, "inference failed for this request", "internal_error"))
+                batch[0].future.set_exception(error)
             self.pending_texts -= len(rows)
             return
         start = 0

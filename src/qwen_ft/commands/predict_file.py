@@ -279,11 +279,9 @@ def run_predict_file(model_path: str, input_path: str, output_path: str, top: in
     seconds = time.perf_counter() - t0
     convert(progress.partial, output, out_fmt, chunk_rows, output_columns(id_col is not None, top))
     progress.record.unlink(missing_ok=True)
-    from qwen_ft.distributed import peak_memory
-
     summary = {"rows": done, "new_rows": n_new, "rows_without_text": no_text, "seconds": round(seconds, 3),
                "rows_per_s": round(n_new / seconds, 1) if seconds > 0 else None, "output": str(output),
-               **peak_memory()}
+               "peak_rss_mb": peak_rss_mb()}
     if no_text:
         log.warning("%d rows had no usable text (label left empty)", no_text)
     log.info("predicted %d rows (%d now) in %.1f s: %s rows/s; peak RSS %.0f MB; wrote %s", done, n_new, seconds,
@@ -310,6 +308,20 @@ def predict_chunk(clf: Classifier, chunk: list[dict], text_col: str, id_col: str
             out["top"] = res["top"] if res is not None else []
         buf.write(json.dumps(out, ensure_ascii=False) + "\n")
     return buf.getvalue().encode("utf-8"), len(chunk) - len(usable)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux VmHWM, because getrusage's ru_maxrss survives exec: a
+    process started by a large one (a test runner, a notebook) reports its parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    from qwen_ft.distributed import peak_memory
+
+    return peak_memory()["peak_rss_mb"]
 
 
 def _prepend(first: dict, rest: Iterator[dict]) -> Iterator[dict]:
