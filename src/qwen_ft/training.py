@@ -530,8 +530,11 @@ def _tracking(report_to: str, run: RunDir) -> str:
     goes online unless the user chose an online tracker."""
     if report_to == "tensorboard":  # transformers 5 reads the folder from this variable, per Trainer
         os.environ["TENSORBOARD_LOGGING_DIR"] = str((run.path / "tensorboard").resolve())
-    if report_to == "mlflow" and not _USER_MLFLOW_URI:
-        os.environ["MLFLOW_TRACKING_URI"] = (run.path / "mlruns").resolve().as_uri()
+    if report_to == "mlflow":
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # MLflow 3 reports usage online otherwise
+        if not _USER_MLFLOW_URI:
+            os.environ["MLFLOW_TRACKING_URI"] = (run.path / "mlruns").resolve().as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow >= 3.7 refuses it otherwise
     return report_to
 
 
