@@ -16,6 +16,7 @@ import re
 import sys
 import typing
 
+from qwen_ft import __version__
 from qwen_ft import distributed as dist
 from qwen_ft.config import TrainConfig, coerce_layer, env_overrides, flag_for, flatten, load_yaml
 from qwen_ft.errors import UserError, from_os_error
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="qwen-ft", description="LoRA-fine-tune a causal LM to generate a category label or an answer letter.")
     parser.add_argument("--debug", action="store_true", help="Show tracebacks.")
+    parser.add_argument("--version", action="version", version=f"qwen-ft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name, module in COMMANDS.items():
         if importlib.util.find_spec(f"qwen_ft.commands.{module}") is not None:
