@@ -601,9 +601,10 @@ def run_final(study: Study, opt: str, seed: int, best: dict) -> dict:
     return study.step("final", f"final[{opt}, seed {seed}]", out, final_hash(study, opt, params, seed), work)
 
 
-def train_phase(study: Study, opt: str) -> None:
+def train_phase(study: Study, opt: str) -> list:
     """Tuning trials, then the finals of the best trial. With several workers, each final is claimed by one
-    (a lock beside its folder); a worker skips finals another one holds and waits for them at the end."""
+    (a lock beside its folder); a worker skips finals another one holds and returns them, to wait for them
+    once it has nothing else to do (`finish_held`)."""
     from filelock import FileLock, Timeout
 
     p = study.cfg.protocol
@@ -628,7 +629,12 @@ def train_phase(study: Study, opt: str) -> None:
             run_final(study, opt, seed, best)
         finally:
             claim.release()
-    for seed, claim in held:  # another worker's finals: wait, then take over any it left unfinished
+    return [(opt, seed, claim, best) for seed, claim in held]
+
+
+def finish_held(study: Study, held: list) -> None:
+    """Another worker's finals: wait for each, then take over any it left unfinished (a killed worker)."""
+    for opt, seed, claim, best in held:
         with claim:
             run_final(study, opt, seed, best)
 
@@ -750,8 +756,8 @@ def run_study(cfg: StudyConfig, phases: list[str] | None = None, only: list[str]
         if phase == "data":
             data_phase(study)
         elif phase == "train":
-            for opt in opts:
-                train_phase(study, opt)
+            held = [h for opt in opts for h in train_phase(study, opt)]
+            finish_held(study, held)
         elif phase == "merge":
             for opt in opts:
                 merge_phase(study, opt)
