@@ -46,8 +46,8 @@ from qwen_ft.scoring import (
 
 log = logging.getLogger(__name__)
 
-DECODES = ("constrained", "exact", "free")
-NORMALIZE = ("none", "token", "char")
+DECODES = ("auto", "constrained", "exact", "free")
+NORMALIZE = ("auto", "none", "token", "char")
 
 
 class Classifier:
@@ -180,11 +180,22 @@ class Classifier:
         counts what a batch computes: each row's tokens after the shared prefix."""
         return dist.batch_plan([len(p) - prefix_len for p in prompts], batch_size, self.max_batch_tokens)
 
-    def classify(self, rows: list[dict], *, decode: str = "constrained", normalize: str = "none", top_k: int = 1,
+    def scoring(self, decode: str = "auto", normalize: str = "auto") -> tuple[str, str]:
+        """'auto' decoding: constrained (fast, always valid) when answers end with an end-of-turn token, else
+        exact; 'auto' normalization: per character for plain prompts (lm-evaluation-harness acc_norm, the
+        scoring the study reports for them), none otherwise."""
+        if decode == "auto":
+            decode = "constrained" if self.ends_answers else "exact"
+        if normalize == "auto":
+            normalize = "char" if decode == "exact" and not self.ends_answers else "none"
+        return decode, normalize
+
+    def classify(self, rows: list[dict], *, decode: str = "auto", normalize: str = "auto", top_k: int = 1,
                  batch_size: int = 16, progress: bool = False, distributed: bool = False) -> tuple[list[dict], dict]:
         """(per-row results, statistics of this call). `distributed`: under torchrun each process scores
         every N-th batch of one plan and all processes receive every result, identical for 1..N processes
         (a row meets the same neighbours - padding, shared prefix - whatever the process count)."""
+        decode, normalize = self.scoring(decode, normalize)
         self._check_args(decode, normalize, top_k, batch_size)
         self.check_rows(rows)
         if not rows:
@@ -223,10 +234,11 @@ class Classifier:
             ordered[i] = res
         return ordered, stats
 
-    def evaluate(self, rows: list[dict], *, decode: str = "constrained", normalize: str = "none", top_k: int = 1,
+    def evaluate(self, rows: list[dict], *, decode: str = "auto", normalize: str = "auto", top_k: int = 1,
                  batch_size: int = 16, progress: bool = False, distributed: bool = False) -> tuple[dict, list[dict]]:
         """(report, predictions) of labeled rows: the one eval.json schema (classification_report keys +
         decode, normalize, chance, seconds, samples_per_s, tokens, precision) and one prediction per row."""
+        decode, normalize = self.scoring(decode, normalize)
         results, stats = self.classify(rows, decode=decode, normalize=normalize, top_k=top_k, batch_size=batch_size,
                                        progress=progress, distributed=distributed)
         golds = [r["label"] for r in rows]

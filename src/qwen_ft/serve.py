@@ -47,8 +47,8 @@ class Limits:
     max_queue: int = 256  # texts waiting or being computed; more -> 503
     max_texts: int = 64  # texts per request
     max_chars: int = 20_000  # characters per text
-    decode: str = "constrained"
-    normalize: str = "none"
+    decode: str = "auto"
+    normalize: str = "auto"
 
     @property
     def max_body_bytes(self) -> int:

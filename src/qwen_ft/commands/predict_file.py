@@ -211,7 +211,7 @@ class Progress:
 
 def run_predict_file(model_path: str, input_path: str, output_path: str, top: int = 1, resume: bool = False,
                      batch_size: int = 32, chunk_rows: int = 1024, id_column: str | None = None,
-                     text_column: str | None = None, decode: str = "constrained", normalize: str = "none",
+                     text_column: str | None = None, decode: str = "auto", normalize: str = "auto",
                      input_format: str | None = None, overwrite: bool = False, base_model: str | None = None,
                      precision: str = "auto", trust_remote_code: bool = False) -> dict:
     if top < 1 or batch_size < 1 or chunk_rows < 1:
@@ -360,10 +360,11 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--text-column", default=None, help="Column holding the text (default: question/text/...).")
     p.add_argument("--input-format", default=None, choices=("jsonl", "csv", "parquet"),
                    help="Format of --input when its suffix does not say (stdin: jsonl).")
-    p.add_argument("--decode", default="constrained", choices=("constrained", "exact"),
-                   help="constrained (fast; probability of the first answer token) or exact (each label's "
-                        "full probability).")
-    p.add_argument("--normalize", default="none", choices=("none", "token", "char"), help="With --decode exact.")
+    p.add_argument("--decode", default="auto", choices=("auto", "constrained", "exact"),
+                   help="auto (default): constrained where answers end with an end token, else exact; constrained "
+                        "(fast; probability of the first answer token); exact (each label's full probability).")
+    p.add_argument("--normalize", default="auto", choices=("auto", "none", "token", "char"),
+                   help="With --decode exact (auto: per character for plain prompts, else none).")
     p.add_argument("--base-model", default=None)
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own code (see validate).")

@@ -26,7 +26,7 @@ def check_port(host: str, port: int) -> None:
 
 def run_serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 32,
               max_wait_ms: float = 2.0, max_queue: int = 256, max_texts: int = 64, max_chars: int = 20_000,
-              api_key: str | None = None, decode: str = "constrained", normalize: str = "none",
+              api_key: str | None = None, decode: str = "auto", normalize: str = "auto",
               precision: str = "auto", base_model: str | None = None, trust_remote_code: bool = False,
               model_name: str | None = None) -> None:
     import uvicorn
@@ -40,7 +40,7 @@ def run_serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, max_ba
             raise UserError(f"{name} must be >= 1 (got {value})")
     if max_wait_ms < 0 or not 0 < port < 65536:
         raise UserError(f"--max-wait-ms must be >= 0 and --port in 1..65535 (got {max_wait_ms}, {port})")
-    if normalize != "none" and decode != "exact":
+    if normalize not in ("none", "auto") and decode not in ("exact", "auto"):
         raise UserError(f"--normalize {normalize} applies to --decode exact", "Add --decode exact.")
     if not Path(model_path).is_dir():
         raise UserError(f"model folder not found: {model_path}", "Pass a run folder or a merged model folder.")
@@ -96,9 +96,10 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--max-chars", type=int, default=20_000, help="Longer texts are answered 413.")
     p.add_argument("--api-key", default=None,
                    help="Require 'Authorization: Bearer KEY' on /v1/* (or set QWEN_FT_API_KEY).")
-    p.add_argument("--decode", default="constrained", choices=("constrained", "exact"),
-                   help="constrained (fast; first-token probabilities) or exact (each label's full probability).")
-    p.add_argument("--normalize", default="none", choices=("none", "token", "char"), help="With --decode exact.")
+    p.add_argument("--decode", default="auto", choices=("auto", "constrained", "exact"),
+                   help="auto (default): constrained where answers end with an end token, else exact; constrained (fast; "
+                        "first-token probabilities); exact (each label's full probability).")
+    p.add_argument("--normalize", default="auto", choices=("auto", "none", "token", "char"), help="With --decode exact (auto: per character for plain prompts, else none).")
     p.add_argument("--model-name", default=None, help="Name reported to clients (default: the folder's name).")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--base-model", default=None)

@@ -41,16 +41,17 @@ def known_label_rows(rows: list[dict], labels: list[str], skip: bool) -> tuple[l
 
 
 def run_validate(model_path: str, split: str = "validation", num_samples: int | None = None,
-                 decode: str = "constrained", batch_size: int = 16, output_dir: str | None = None,
+                 decode: str = "auto", batch_size: int = 16, output_dir: str | None = None,
                  base_model: str | None = None, precision: str = "auto", gpu_id: int | None = None,
                  baseline: bool = False, data: str | None = None, text_column: str | None = None,
                  label_column: str | None = None, hub_split: str | None = None, skip_unknown_labels: bool = False,
-                 normalize: str = "none", trust_remote_code: bool = False) -> dict:
+                 normalize: str = "auto", trust_remote_code: bool = False) -> dict:
     dist.select_gpu(gpu_id)
     p = Problems()  # every problem with the flags and the folder at once
     p.check(batch_size > 0, f"--batch-size must be > 0 (got {batch_size})")
     p.check(num_samples is None or num_samples > 0, f"--num-val-samples must be > 0 (got {num_samples})")
-    p.check(normalize == "none" or decode == "exact", f"--normalize {normalize} applies to --decode exact")
+    p.check(normalize in ("none", "auto") or decode in ("exact", "auto"),
+            f"--normalize {normalize} applies to --decode exact")
     p.check(data is not None or not (text_column or label_column or hub_split),
             "--text-column/--label-column/--hub-split apply to --data")
     is_merged = (Path(model_path) / "merge.json").is_file()
@@ -129,12 +130,13 @@ def add_parser(sub, name: str) -> None:
                    help="Leave out rows whose label the run does not know (counted in eval.json) instead of "
                         "stopping with an error.")
     p.add_argument("--num-val-samples", type=int, default=None, help="Score only the first N rows.")
-    p.add_argument("--decode", default="constrained", choices=("constrained", "exact", "free"),
-                   help="constrained (fast): greedy decoding over the labels' token trie, the shared instruction "
+    p.add_argument("--decode", default="auto", choices=("auto", "constrained", "exact", "free"),
+                   help="auto (default): constrained where answers end with an end token (chat prompts), else exact; "
+                        "constrained (fast): greedy decoding over the labels' token trie, the shared instruction "
                         "computed once (always valid); exact: each label's exact probability, argmax (always "
                         "valid, slower); free: greedy text, exact match.")
-    p.add_argument("--normalize", default="none", choices=("none", "token", "char"),
-                   help="With --decode exact: divide each answer's log-probability by its number of tokens, or "
+    p.add_argument("--normalize", default="auto", choices=("auto", "none", "token", "char"),
+                   help="With --decode exact (auto: char for plain prompts, else none): divide each answer's log-probability by its number of tokens, or "
                         "of characters (lm-evaluation-harness acc_norm), before comparing answers.")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--output-dir", default=None, help="Where eval.json etc. go (default: RUN/eval).")
