@@ -171,3 +171,15 @@ def test_study_tracking_without_mlflow_warns_once_and_writes_nothing(tmp_path, m
         "protocol.tracking is mlflow but mlflow is not installed: trials are not tracked "
         "(pip install 'qwen-ft[tracking]')"]
     assert not (tmp_path / "s").exists()
+
+
+def test_a_broken_store_warns_and_does_not_stop_the_study(tmp_path, caplog):
+    pytest.importorskip("mlflow")
+    from qwen_ft.study.tracking import log_run
+
+    study = tmp_path / "s"
+    study.mkdir()
+    (study / "mlruns").write_text("not a folder")
+    with caplog.at_level("WARNING"):
+        assert log_run(study, "trial", "adamw", TRIAL, write_metrics(tmp_path / "metrics.jsonl")) is None
+    assert any("MLflow tracking of trial/adamw/2 failed" in r.getMessage() for r in caplog.records)

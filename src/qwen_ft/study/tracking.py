@@ -55,7 +55,7 @@ def run_key(kind: str, optimizer: str, record: dict) -> str:
 
 def log_run(study_dir: Path, kind: str, optimizer: str, record: dict, metrics_path: Path) -> str | None:
     """Log one trial or final (its trial.json / result.json `record`, its run's metrics.jsonl) as an MLflow
-    run; returns the run id, or None when mlflow is not installed (a warning, once)."""
+    run; returns the run id, or None (with a warning) when mlflow is not installed or the store fails."""
     if not available():
         if not _warned:
             _warned.append(True)
@@ -68,14 +68,19 @@ def log_run(study_dir: Path, kind: str, optimizer: str, record: dict, metrics_pa
     key = run_key(kind, optimizer, record)
     digest = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
     study_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(study_dir / f"{STORE}.lock")):
-        client = _client(study_dir)
-        experiment_id = _experiment(client, study_dir)
-        for old in client.search_runs([experiment_id], filter_string=f"tags.`qwen_ft.key` = '{key}'"):
-            if old.data.tags.get("qwen_ft.digest") == digest:
-                return old.info.run_id
-            client.delete_run(old.info.run_id)
-        return _write(client, experiment_id, kind, optimizer, key, digest, record, Path(metrics_path))
+    try:
+        with FileLock(str(study_dir / f"{STORE}.lock")):
+            client = _client(study_dir)
+            experiment_id = _experiment(client, study_dir)
+            for old in client.search_runs([experiment_id], filter_string=f"tags.`qwen_ft.key` = '{key}'"):
+                if old.data.tags.get("qwen_ft.digest") == digest:
+                    return old.info.run_id
+                client.delete_run(old.info.run_id)
+            return _write(client, experiment_id, kind, optimizer, key, digest, record, Path(metrics_path))
+    except Exception as e:  # a view of the study's files: a broken store must not stop the study
+        log.warning("MLflow tracking of %s failed (%s: %s); the study's own files are unaffected",
+                    key, type(e).__name__, e)
+        return None
 
 
 def _client(study_dir: Path):
