@@ -10,7 +10,7 @@ Two pipelines, each in its own subprocess (so peak RSS / GPU memory are separate
   --max-length (512) tokens, float32, labels rebuilt from input_ids by the collator (the whole prompt, and
   with pad == eos the end of the answer masked), LoRA dropout of the seed's 0.6B preset (0.05), the seed's
   0.6B hyper-parameters; validation by one free `generate` per sample (max_new_tokens=10), prefix match.
-* ours - `qwen_ft.commands.train.run_train` and `qwen_ft.commands.validate.run_validate` with the
+* ours - `qwen_ft.training.train` and `qwen_ft.commands.validate.run_validate` with the
   package defaults, exactly as `qwen-ft train --model M --data D --max-samples-per-category N` then
   `qwen-ft validate --model-path RUN` runs them.
 
@@ -333,16 +333,16 @@ def _count_steps(trainer, counter: FlopCounter) -> None:
 def run_ours(spec: dict) -> dict:
     import torch
 
-    import qwen_ft.commands.train as train_cmd
+    import qwen_ft.training as train_lib
     from qwen_ft.commands.validate import run_validate
     from qwen_ft.precision import resolve_precision
 
     timing: dict = {}
     holder: dict = {}
-    original_build = train_cmd._build_trainer
+    original_build = train_lib._build_trainer
 
-    def build_with_budget(cfg, run, model, tokenizer, train_ds, val_ds, precision):
-        trainer = original_build(cfg, run, model, tokenizer, train_ds, val_ds, precision)
+    def build_with_budget(cfg, run, model, tokenizer, train_ds, val_ds, precision, extra_callbacks):
+        trainer = original_build(cfg, run, model, tokenizer, train_ds, val_ds, precision, extra_callbacks)
         trainer.add_callback(budget_callback(spec["budget_s"], timing))
         time_evaluation(trainer, timing)
         _count_steps(trainer, holder["counter"])
@@ -360,13 +360,13 @@ def run_ours(spec: dict) -> dict:
         holder["peak"] = matmul_peak(dtype, cfg.hidden_size, cfg.intermediate_size, spec["peak_seconds"])
         return model
 
-    train_cmd._build_trainer = build_with_budget
+    train_lib._build_trainer = build_with_budget
     run_dir = Path(spec["workdir"]) / "ours"
     user = {"model.model": spec["model"], "data.data": spec["data"], "data.task": spec["task"],
             "data.max_samples_per_category": spec["max_samples_per_category"], "train.output_dir": str(run_dir)}
     user.update(spec.get("ours_overrides") or {})
-    train_cmd.run_train(user, overwrite=True, model_hook=hook)
-    train_cmd._build_trainer = original_build
+    train_lib.train(user, overwrite=True, model_hook=hook)
+    train_lib._build_trainer = original_build
     result = {"train": train_summary(holder["counter"], timing, holder["n_train"], holder["peak"])}
     kwargs = dict(spec.get("validate_overrides") or {})
     report = run_validate(str(run_dir), "validation", spec["num_val_samples"], **kwargs)

@@ -22,13 +22,16 @@ def test_shipped_yaml_loads_and_names_its_command(path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     first = path.read_text().splitlines()[0]
     assert first.startswith("# ") and ("qwen-ft " in first or "run_all.sh" in first), first
-    cfg = load_study_config([path])
+    cfg = load_study_config([path])  # validates every optimizer entry and its search space
     assert cfg.optimizers and cfg.seed == 42
+    if path.name not in ("model_config.yaml", "extended.yaml"):
+        assert set(cfg.optimizers) == {"adamw", "sgd", "adabound"}  # the seed's three stay the default set
     if path.name != "model_config.yaml":
-        assert set(cfg.optimizers) == {"adamw", "sgd", "adabound"}
-        for name in cfg.optimizers:
-            user = cfg.optimizer_user(name)
-            assert user["optim.optimizer"] == name and user["optim.learning_rate"] > 0
+        assert cfg.protocol.trials >= 4 and len(cfg.protocol.final_seeds) >= 2
+        for name, entry in cfg.optimizers.items():
+            assert entry.optimizer == name and "learning_rate" in entry.search
+            low = entry.optim(cfg.base.optim, {k: r.low for k, r in entry.search.items()})
+            assert low.optimizer == name and low.learning_rate > 0
 
 
 def test_training_config_includes_the_model_config_and_env_overrides(monkeypatch):
@@ -37,6 +40,7 @@ def test_training_config_includes_the_model_config_and_env_overrides(monkeypatch
     monkeypatch.setenv("GRAD_ACCUM_STEPS", "4")
     monkeypatch.setenv("USE_BF16", "false")
     cfg = load_study_config([path])
-    assert cfg.model.model == "Qwen/Qwen3-8B" and cfg.model.gradient_checkpointing
-    assert (cfg.train.batch_size, cfg.train.grad_accum, cfg.model.precision) == (4, 4, "fp32")
-    assert cfg.data.validation_data == "tau/commonsense_qa:validation"
+    b = cfg.base
+    assert b.model.model == "Qwen/Qwen3-8B" and b.model.gradient_checkpointing
+    assert (b.train.batch_size, b.train.grad_accum, b.model.precision) == (4, 4, "fp32")
+    assert b.data.validation_data == "tau/commonsense_qa:validation"

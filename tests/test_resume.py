@@ -164,8 +164,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_
     import qwen_ft.commands.train as train_cmd
 
     real = train_cmd.run_train
-    monkeypatch.setattr(train_cmd, "run_train", lambda user, resume=False, overwrite=False:
-                        real(user, resume, overwrite, model_hook=poison_after(1)))
+    monkeypatch.setattr(train_cmd, "run_train", lambda user, resume=False, overwrite=False, **kw:
+                        real(user, resume, overwrite, model_hook=poison_after(1), **kw))
     capsys.readouterr()
     args = tiny_train_args(tiny_qwen3, out, "--epochs", "2", "--save-steps", "2", "--resume")
     assert main(args) == 2
