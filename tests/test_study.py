@@ -202,10 +202,9 @@ def test_phase_needs_its_upstream(tiny_qwen3, tmp_path):
 KILL_TRIAL = """
 import os, sys
 import qwen_ft.training as t
-calls, orig = [0], t.answer_loss
-def loss(*a, **k):
-    calls[0] += 1
-    if calls[0] == int(os.environ["KILL_AT"]):
+orig = t.answer_loss
+def loss(*a, **k):  # the first training step after the first trial finished: inside the second trial
+    if os.path.exists(os.environ["KILL_AFTER"]):
         os.kill(os.getpid(), 9)
     return orig(*a, **k)
 t.answer_loss = loss
@@ -228,7 +227,7 @@ def test_killed_study_resumes_the_trial(tiny_qwen3, tmp_path, monkeypatch):
     path = _config(tiny_qwen3, out)
     script = tmp_path / "kill.py"
     script.write_text(KILL_TRIAL)
-    env = {**os.environ, "KILL_AT": "5"}  # inside the second trial of adamw
+    env = {**os.environ, "KILL_AFTER": str(out / "trials" / "adamw" / "trial-0" / "trial.json")}
     proc = subprocess.run([sys.executable, str(script), "study", "--config", str(path), "--phases", "data", "train",
                            "--optimizers", "adamw"], env=env, capture_output=True, text=True)
     assert proc.returncode == -9
@@ -259,7 +258,7 @@ def test_two_workers_share_the_trials(tiny_qwen3, tmp_path):
     workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     logs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], logs
-    ran = [line for log in logs for line in log.splitlines() if "tuning accuracy" in line and "trial " in line]
+    ran = [line for log in logs for line in log.splitlines() if line.startswith("trial ") and "tuning accuracy" in line]
     assert len(ran) == 4, ran  # four trials trained, none twice
     assert sorted(t["k"] for t in _trials(out, "adamw")) == [0, 1, 2, 3]
 
