@@ -467,8 +467,8 @@ def markdown(s: dict) -> str:
     out.append("")
     out.append(f"Model {s['spec']['model']}, data {Path(s['spec']['data']).name}, "
                f"{s['spec']['max_samples_per_category']} rows/category, {s['spec']['num_val_samples']} validation "
-               f"rows; {env['device']}, {env['threads']} threads, torch {env['torch']}; load average before "
-               f"{env['load_before']}, after {env['load_after']}.")
+               f"rows; {env['device']} [{env.get('isa', '?')}], {env['threads']} threads, torch {env['torch']}; "
+               f"load average before {env['load_before']}, after {env['load_after']}.")
     out.append("Targets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in s["targets_met"].items()))
     return "\n".join(out)
 
@@ -517,7 +517,7 @@ def main(argv=None) -> int:
             "workdir": str(work), "ours_overrides": _kv(a.ours_override), "validate_overrides": _kv(a.validate_override)}
     (work / "spec.json").write_text(json.dumps(spec))
     env = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name(),
-           "threads": a.threads or torch.get_num_threads(), "torch": torch.__version__,
+           "isa": cpu_isa(), "threads": a.threads or torch.get_num_threads(), "torch": torch.__version__,
            "load_before": _load()}
     results = {}
     for which in ("reference", "ours"):
@@ -561,6 +561,20 @@ def _load() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "n/a"
+
+
+def cpu_isa() -> str:
+    """The matmul instruction sets that decide this CPU's bf16 peak: AMX tiles (Intel Sapphire Rapids and
+    later) run bf16 ~8x faster than fp32; AVX512-BF16 (e.g. AMD EPYC Zen 4) ~2x; AVX2 has no bf16 at all.
+    Figures of different machines can only be compared side by side with this printed next to them."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    found = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"),
+                                     ("avx512f", "AVX512F"), ("avx2", "AVX2")) if flag in flags]
+    return ", ".join(found) or "none of AMX/AVX512/AVX2"
 
 
 def _cpu_name() -> str:
