@@ -435,7 +435,13 @@ def qmc_points(entry: OptimizerEntry, n: int, seed: int, sampler: str) -> list[d
 
 
 def _storage(study: Study):
+    import warnings
+
     import optuna
+
+    # heartbeats and fail_stale_trials are marked experimental (since Optuna 2.9); they are what makes a
+    # killed worker's trial recoverable, so use them without a warning on every call
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
     url = study.cfg.protocol.storage or f"sqlite:///{(study.cfg.out / 'optuna.db').resolve()}"
     if url.startswith("sqlite:///"):
