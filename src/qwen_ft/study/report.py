@@ -248,7 +248,9 @@ def analyse(data: StudyData, n_boot: int = N_BOOT) -> dict:
 
 def best_trial(trials: list[dict]) -> dict | None:
     done = [t for t in trials if t.get("state", "complete") == "complete" and t.get("score") is not None]
-    return max(done, key=lambda t: t["score"]) if done else None
+    # the study's own rule (phases.best_trial): the best tuning accuracy, ties to the lower tuning loss,
+    # then to the earlier trial
+    return max(done, key=lambda t: (t["score"], -(t.get("tune_loss") or 0), -t["k"])) if done else None
 
 
 def _mean(values) -> float | None:
@@ -699,7 +701,7 @@ def _results_table(data: StudyData, analysis: dict) -> list[str]:
     ]
     for r in analysis["summary"]:
         lines.append(
-            f"| {r['optimizer']} | {r['best_trial'] if r['best_trial'] is not None else '-'} "
+            f"| {r['optimizer']} | {'trial-' + str(r['best_trial']) if r['best_trial'] is not None else '-'} "
             f"({_pct(r['best_trial_score'])} %) | {r['params'] or '-'} | **{_pct(r['mean'])} %** "
             f"({_pct(r['ci_low'])}..{_pct(r['ci_high'])}) | {_pct(r['sd'])} | "
             + " | ".join(_pct(r.get(f"acc_seed_{s}")) for s in seeds)
