@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
+from qwen_ft.data.sources import iter_jsonl
 from qwen_ft.engine import Classifier, stderr_is_terminal
 from qwen_ft.errors import UserError
 from qwen_ft.runs import atomic_write_text
@@ -53,16 +54,7 @@ def read_records(path: str, fmt: str, chunk_rows: int) -> Iterator[dict]:
     if fmt == "jsonl":
         f = sys.stdin if path == "-" else open(path, encoding="utf-8")
         try:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path} line {n} is not valid JSON: {e.msg}") from None
-                if not isinstance(rec, dict):
-                    raise UserError(f"{path} line {n} is not a JSON object")
-                yield rec
+            yield from iter_jsonl(f, path)
         finally:
             if f is not sys.stdin:
                 f.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -23,6 +24,22 @@ def demo_path(name: str) -> Path:
 
 def describe(source: str) -> str:
     return f"bundled demo '{source}'" if source in DEMOS else source
+
+
+def iter_jsonl(lines: Iterable[str], path) -> Iterator[dict]:
+    """The objects of a .jsonl stream, one per non-blank line; a line that is not a JSON object is one clear
+    error naming it. Shared by the loaders and `qwen-ft predict` (which streams, never loading the file)."""
+    for n, line in enumerate(lines, 1):
+        line = line.lstrip("\ufeff")  # files joined with `cat` carry a byte-order mark mid-file too
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {n} is not valid JSON: {e.msg}") from None
+        if not isinstance(rec, dict):
+            raise UserError(f"{path} line {n} is not a JSON object")
+        yield rec
 
 
 def is_hub(source: str | None) -> bool:
@@ -85,19 +102,8 @@ def _read_file(path: Path) -> list[dict]:
         raise UserError(problem, "Save the file as UTF-8 (a UTF-8 byte-order mark is fine).")
     try:
         if fmt == "jsonl":
-            records = []
             with open(path, encoding="utf-8-sig") as f:  # -sig: a UTF-8 byte-order mark is not part of line 1
-                for n, line in enumerate(f, 1):
-                    line = line.lstrip("\ufeff")  # files joined with `cat` carry a BOM mid-file too
-                    if line.strip():
-                        try:
-                            rec = json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise UserError(f"{path} line {n} is not valid JSON: {e.msg}") from None
-                        if not isinstance(rec, dict):
-                            raise UserError(f"{path} line {n} is not a JSON object")
-                        records.append(rec)
-            return records
+                return list(iter_jsonl(f, path))
         if fmt == "json":
             data = json.loads(path.read_text(encoding="utf-8-sig"))
             if isinstance(data, dict):  # {"data": [...]} or column-oriented
