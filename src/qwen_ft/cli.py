@@ -36,7 +36,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
             if not flag:
                 continue
             dest = f"{section.name}.{f.name}"
-            kw = {"dest": dest, "default": argparse.SUPPRESS, "help": f.metadata["help"]}
+            kw = {"dest": dest, "default": argparse.SUPPRESS, "help": f.metadata["help"].replace("%", "%%")}
             if sub_hints[f.name] is bool:
                 group.add_argument(flag, action="store_const", const=True, **kw)
             else:

@@ -53,6 +53,10 @@ class DataArgs:
     label_column: str | None = arg(None, "Column holding the label (default: category/label/...).", "--label-column")
     max_samples_per_category: int | None = arg(None, "Sample at most this many rows per label (seeded).", "--max-samples-per-category")
     max_samples: int | None = arg(None, "Sample at most this many rows in all (seeded, after per-label sampling).", "--max-samples")
+    max_train_samples_per_category: int | None = arg(
+        None, "After splitting, train on at most this many rows per label (seeded); validation and test keep "
+        "their full share of the data (for learning curves on fixed validation rows).",
+        "--max-train-samples-per-category")
     validation_data: str | None = arg(None, "Separate validation source; then --data is split only into train/test.", "--validation-data")
     max_validation_samples: int | None = arg(None, "Use at most this many validation rows (seeded sample).", "--max-validation-samples")
     val_fraction: float = arg(0.2, "Fraction of rows for validation.", "--val-fraction")
@@ -143,7 +147,8 @@ class TrainConfig:
         p.check(tr.eval_steps is None or tr.eval_steps > 0, f"--eval-steps must be > 0 (got {tr.eval_steps})")
         p.check(tr.logging_steps > 0, f"--logging-steps must be > 0 (got {tr.logging_steps})")
         p.check(mo.max_length >= 32, f"--max-length must be >= 32 (got {mo.max_length})")
-        for name in ("max_samples_per_category", "max_samples", "max_validation_samples"):
+        for name in ("max_samples_per_category", "max_samples", "max_validation_samples",
+                     "max_train_samples_per_category"):
             v = getattr(da, name)
             p.check(v is None or v > 0, f"--{name.replace('_', '-')} must be > 0 (got {v})")
         p.check(0 < da.val_fraction < 1, f"--val-fraction must be in (0, 1) (got {da.val_fraction})")

@@ -75,7 +75,7 @@ def check_flags_apply(data: DataArgs, task_name: str) -> None:
     """Flags that do nothing for this task or source are errors, not silently ignored."""
     p = Problems()
     if task_name == "multiple_choice":
-        for name in ("max_samples_per_category", "text_column", "label_column"):
+        for name in ("max_samples_per_category", "max_train_samples_per_category", "text_column", "label_column"):
             if getattr(data, name) is not None:
                 p.add(f"--{name.replace('_', '-')} applies to category data (text -> label), but this is "
                       "multiple-choice data", f"Drop --{name.replace('_', '-')}; --max-samples limits "
@@ -174,6 +174,8 @@ def prepare(data: DataArgs, seed: int) -> Prepared:
         if data.max_validation_samples:
             splits["validation"] = sample(splits["validation"], data.max_validation_samples, seed)
 
+    if data.max_train_samples_per_category and not is_mc:
+        splits["train"] = sample_per_label(splits["train"], data.max_train_samples_per_category, seed)
     for name in ("train", "validation"):
         p.check(len(splits[name]) > 0, f"the {name} split is empty ({len(rows)} rows in all)")
     p.raise_if_any("Use more rows (raise --max-samples-per-category) or change the split fractions.")

@@ -241,7 +241,7 @@ def run_config(study: Study, entry: OptimizerEntry, params: dict, seed: int, max
     d = cfg.data  # the study's cached splits, so that `qwen-ft train --config RUN/config.yaml` repeats the run
     d.data, d.validation_data = str(study.data_dir / "train.jsonl"), str(study.data_dir / "tune.jsonl")
     d.task, d.hub_split, d.text_column, d.label_column = study.summary()["task"], None, None, None
-    d.max_samples = d.max_samples_per_category = d.max_validation_samples = None
+    d.max_samples = d.max_samples_per_category = d.max_validation_samples = d.max_train_samples_per_category = None
     d.test_fraction = 0.0
     cfg.optim = entry.optim(cfg.optim, params)
     cfg.train.seed = seed

@@ -1,0 +1,118 @@
+"""MMLU-Pro learning curve: validation accuracy against training rows, on one fixed set of validation rows.
+
+    python benchmarks/learning_curve.py --data ../shared/data/mmlu_pro/test.parquet --out runs/curve \
+        --points 40:2:8:5e-4,150:1:16:1e-3,400:1:16:1e-3 [--json curve.json]
+
+Each point is `ROWS_PER_CATEGORY:EPOCHS:BATCH:LR`, trained by `qwen-ft train` with
+`--max-train-samples-per-category ROWS` (the split is taken first, so every point is validated on the same
+`--val-fraction` of all rows) and scored by `qwen-ft validate` on all of those rows. The untrained model is
+scored once with the same prompt (`--baseline`). Prints a table (rows, accuracy with 95 % CI, macro-F1,
+training wall time, validation samples/s) and the CPU it ran on; points already complete are not trained
+again (their run folder's eval.json is read), so an interrupted curve continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def qwen_ft(*args: str, log: Path) -> float:
+    """Run one qwen-ft command (its output appended to `log`); its wall time in seconds."""
+    start = time.perf_counter()
+    with log.open("a") as fh:
+        fh.write(f"\n$ qwen-ft {' '.join(args)}\n")
+        fh.flush()
+        subprocess.run([sys.executable, "-m", "qwen_ft", *args], check=True, stdout=fh, stderr=subprocess.STDOUT)
+    return time.perf_counter() - start
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 0.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", default="runs/curve")
+    ap.add_argument("--points", default="40:2:8:5e-4,150:1:16:1e-3,400:1:16:1e-3")
+    ap.add_argument("--val-fraction", default="0.1")
+    ap.add_argument("--max-length", default="256")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--json", help="write the figures here")
+    args = ap.parse_args(argv)
+    from vs_reference import _cpu_name, cpu_isa  # the CPU model and ISA, printed with every figure
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "curve.log"
+    rows = []
+    for point in args.points.split(","):
+        per_cat, epochs, batch, lr = point.split(":")
+        run = out / f"rows{per_cat}-ep{epochs}"
+        wall_file = run / "curve_train_seconds.json"
+        if not (run / "eval" / "eval.json").is_file():
+            train_s = qwen_ft("train", "--model", args.model, "--data", args.data, "--test-fraction", "0",
+                              "--val-fraction", args.val_fraction, "--max-train-samples-per-category", per_cat,
+                              "--epochs", epochs, "--batch-size", batch, "--learning-rate", lr,
+                              "--max-length", args.max_length, "--early-stopping-patience", "0",
+                              "--output-dir", str(run), *(["--overwrite"] if run.exists() else []), log=log)
+            wall_file.write_text(json.dumps({"train_wall_s": round(train_s, 1)}))
+            qwen_ft("validate", "--model-path", str(run), log=log)
+        rows.append(figures(run, per_cat, epochs, batch, lr))
+        print_row(rows[-1], flush=True)
+    base = out / "untrained"
+    first = out / f"rows{args.points.split(',')[0].split(':')[0]}-ep{args.points.split(',')[0].split(':')[1]}"
+    if not (base / "eval.json").is_file():
+        qwen_ft("validate", "--model-path", str(first), "--baseline", "--output-dir", str(base), log=log)
+    untrained = figures(first, "0", "-", "-", "-", eval_dir=base)
+    print_row(untrained)
+    result = {"cpu": f"{_cpu_name()}; {cpu_isa()}", "threads": os.environ.get("QWEN_FT_THREADS"), "untrained": untrained,
+              "points": rows}
+    print("cpu:", result["cpu"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def figures(run: Path, per_cat, epochs, batch, lr, eval_dir: Path | None = None) -> dict:
+    ev = json.loads(((eval_dir or run / "eval") / "eval.json").read_text())
+    n = ev["n"] if "n" in ev else ev["support"]
+    k = round(ev["accuracy"] * n)
+    lo, hi = wilson(k, n)
+    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()][-1]
+    wall = json.loads((run / "curve_train_seconds.json").read_text())["train_wall_s"] \
+        if (run / "curve_train_seconds.json").is_file() else None
+    train_rows = sum(1 for line in (run / "split" / "train.jsonl").read_text().splitlines() if line.strip()) \
+        if (run / "split" / "train.jsonl").is_file() else None
+    return {"rows_per_category": per_cat, "train_rows": train_rows if eval_dir is None else 0, "epochs": epochs,
+            "batch_size": batch, "learning_rate": lr, "val_rows": n, "accuracy": ev["accuracy"],
+            "ci95": [round(lo, 4), round(hi, 4)], "macro_f1": ev.get("macro_f1"),
+            "train_time_s": final.get("train_time_s") if eval_dir is None else None,
+            "command_wall_s": wall if eval_dir is None else None, "val_samples_per_s": ev.get("samples_per_s")}
+
+
+def print_row(r: dict, flush: bool = False) -> None:
+    f1 = f"{r['macro_f1']:.3f}" if isinstance(r["macro_f1"], float) else "-"
+    t = f"{r['train_time_s']:.0f} s" if r["train_time_s"] else "-"
+    print(f"rows/cat {r['rows_per_category']:>4} (train {r['train_rows']}, {r['epochs']} ep, batch {r['batch_size']}, "
+          f"lr {r['learning_rate']}): accuracy {r['accuracy']:.1%} ({r['ci95'][0]:.1%}-{r['ci95'][1]:.1%}, "
+          f"n={r['val_rows']}), macro-F1 {f1}, training {t}, validation {r['val_samples_per_s']} samples/s",
+          flush=flush)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
