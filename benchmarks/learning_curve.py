@@ -3,12 +3,15 @@
     python benchmarks/learning_curve.py --data ../shared/data/mmlu_pro/test.parquet --out runs/curve \
         --points 40:2:8:5e-4,150:1:16:1e-3,400:1:16:1e-3 [--json curve.json]
 
-Each point is `ROWS_PER_CATEGORY:EPOCHS:BATCH:LR`, trained by `qwen-ft train` with
+Each point is `ROWS_PER_CATEGORY:EPOCHS:BATCH:LR[:head]` (`head`: `--head classification`), trained by
+`qwen-ft train` with
 `--max-train-samples-per-category ROWS` (the split is taken first, so every point is validated on the same
 `--val-fraction` of all rows) and scored by `qwen-ft validate` on all of those rows. The untrained model is
 scored once with the same prompt (`--baseline`). Prints a table (rows, accuracy with 95 % CI, macro-F1,
 training wall time, validation samples/s) and the CPU it ran on; points already complete are not trained
 again (their run folder's eval.json is read), so an interrupted curve continues where it stopped.
+With `--split-by src` the test split holds whole sources never trained on (about `--test-fraction` of the
+rows), and each point is also scored there (`unseen_accuracy`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--val-fraction", default="0.1")
     ap.add_argument("--max-length", default="256")
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--split-by", default=None, help="e.g. src: hold whole sources out as the test split")
+    ap.add_argument("--test-fraction", default="0.2")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
     from vs_reference import _cpu_name, cpu_isa  # the CPU model and ISA, printed with every figure
@@ -61,23 +66,34 @@ def main(argv=None) -> int:
     log = out / "curve.log"
     rows = []
     for point in args.points.split(","):
-        per_cat, epochs, batch, lr = point.split(":")
-        run = out / f"rows{per_cat}-ep{epochs}"
+        per_cat, epochs, batch, lr, *head = point.split(":")
+        head = head[0] if head else "generative"
+        run = out / f"rows{per_cat}-ep{epochs}" if head == "generative" else out / f"rows{per_cat}-ep{epochs}-{head}"
+        split_flags = ["--split-by", args.split_by, "--test-fraction", args.test_fraction] if args.split_by \
+            else ["--test-fraction", "0"]
         wall_file = run / "curve_train_seconds.json"
         if not (run / "eval" / "eval.json").is_file():
-            train_s = qwen_ft("train", "--model", args.model, "--data", args.data, "--test-fraction", "0",
+            train_s = qwen_ft("train", "--model", args.model, "--data", args.data, *split_flags,
+                              "--head", "classification" if head == "head" else "generative",
                               "--val-fraction", args.val_fraction, "--max-train-samples-per-category", per_cat,
                               "--epochs", epochs, "--batch-size", batch, "--learning-rate", lr,
                               "--max-length", args.max_length, "--early-stopping-patience", "0",
                               "--output-dir", str(run), *(["--overwrite"] if run.exists() else []), log=log)
             wall_file.write_text(json.dumps({"train_wall_s": round(train_s, 1)}))
             qwen_ft("validate", "--model-path", str(run), log=log)
+        if args.split_by and not (run / "eval-test" / "eval.json").is_file():
+            qwen_ft("validate", "--model-path", str(run), "--split", "test", "--output-dir", str(run / "eval-test"),
+                    log=log)
         rows.append(figures(run, per_cat, epochs, batch, lr))
+        rows[-1]["head"] = head
         print_row(rows[-1], flush=True)
     base = out / "untrained"
     first = out / f"rows{args.points.split(',')[0].split(':')[0]}-ep{args.points.split(',')[0].split(':')[1]}"
     if not (base / "eval.json").is_file():
         qwen_ft("validate", "--model-path", str(first), "--baseline", "--output-dir", str(base), log=log)
+    if args.split_by and not (out / "untrained-test" / "eval.json").is_file():
+        qwen_ft("validate", "--model-path", str(first), "--baseline", "--split", "test", "--output-dir",
+                str(out / "untrained-test"), log=log)
     untrained = figures(first, "0", "-", "-", "-", eval_dir=base)
     print_row(untrained)
     result = {"cpu": f"{_cpu_name()}; {cpu_isa()}", "threads": os.environ.get("QWEN_FT_THREADS"), "untrained": untrained,
@@ -90,6 +106,8 @@ def main(argv=None) -> int:
 
 def figures(run: Path, per_cat, epochs, batch, lr, eval_dir: Path | None = None) -> dict:
     ev = json.loads(((eval_dir or run / "eval") / "eval.json").read_text())
+    test_dir = (eval_dir.parent / f"{eval_dir.name}-test") if eval_dir else run / "eval-test"
+    unseen = json.loads((test_dir / "eval.json").read_text()) if (test_dir / "eval.json").is_file() else None
     n = ev["n"] if "n" in ev else ev["support"]
     k = round(ev["accuracy"] * n)
     lo, hi = wilson(k, n)
@@ -102,15 +120,18 @@ def figures(run: Path, per_cat, epochs, batch, lr, eval_dir: Path | None = None)
             "batch_size": batch, "learning_rate": lr, "val_rows": n, "accuracy": ev["accuracy"],
             "ci95": [round(lo, 4), round(hi, 4)], "macro_f1": ev.get("macro_f1"),
             "train_time_s": final.get("train_time_s") if eval_dir is None else None,
-            "command_wall_s": wall if eval_dir is None else None, "val_samples_per_s": ev.get("samples_per_s")}
+            "command_wall_s": wall if eval_dir is None else None, "val_samples_per_s": ev.get("samples_per_s"),
+            "unseen_accuracy": unseen["accuracy"] if unseen else None, "unseen_n": unseen["n"] if unseen else None,
+            "unseen_macro_f1": unseen["macro_f1"] if unseen else None}
 
 
 def print_row(r: dict, flush: bool = False) -> None:
     f1 = f"{r['macro_f1']:.3f}" if isinstance(r["macro_f1"], float) else "-"
     t = f"{r['train_time_s']:.0f} s" if r["train_time_s"] else "-"
-    print(f"rows/cat {r['rows_per_category']:>4} (train {r['train_rows']}, {r['epochs']} ep, batch {r['batch_size']}, "
+    print(f"{r.get('head', 'generative'):>10} rows/cat {r['rows_per_category']:>4} (train {r['train_rows']}, {r['epochs']} ep, batch {r['batch_size']}, "
           f"lr {r['learning_rate']}): accuracy {r['accuracy']:.1%} ({r['ci95'][0]:.1%}-{r['ci95'][1]:.1%}, "
-          f"n={r['val_rows']}), macro-F1 {f1}, training {t}, validation {r['val_samples_per_s']} samples/s",
+          f"n={r['val_rows']}), macro-F1 {f1}, training {t}, validation {r['val_samples_per_s']} samples/s"
+          + (f"; unseen sources {r['unseen_accuracy']:.1%} (n={r['unseen_n']})" if r["unseen_accuracy"] else ""),
           flush=flush)
 
 

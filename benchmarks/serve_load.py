@@ -128,15 +128,22 @@ def start_server(args, port: int) -> subprocess.Popen:
     sys.exit("the server did not become ready in time")
 
 
+def batch_counts(url: str) -> tuple[float, float]:
+    """(texts, forward batches) so far, from the server's /metrics (qwen_ft_batch_size histogram)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    found = dict(re.findall(r"^qwen_ft_batch_size_(sum|count) ([\d.e+]+)$", text, re.M))
+    return float(found.get("sum", 0)), float(found.get("count", 0))
+
+
 def table(result: dict) -> str:
-    rows = ["| concurrency | requests | requests/s | p50 ms | p95 ms | p99 ms | vs c=1 | vs offline | labels = predict |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| concurrency | requests | requests/s | p50 ms | p95 ms | p99 ms | mean batch | vs c=1 | vs offline | "
+            "labels = predict |", "|---|---|---|---|---|---|---|---|---|---|"]
     base = result["levels"][0]["requests_per_s"] if result["levels"] else None
     for lv in result["levels"]:
         rows.append(f"| {lv['concurrency']} | {lv['requests']} | {lv['requests_per_s']} | {lv['p50_ms']} | "
-                    f"{lv['p95_ms']} | {lv['p99_ms']} | {lv['requests_per_s'] / base:.2f}x | "
+                    f"{lv['p95_ms']} | {lv['p99_ms']} | {lv.get('mean_batch', '-')} | {lv['requests_per_s'] / base:.2f}x | "
                     f"{lv['requests_per_s'] / result['offline_rows_per_s']:.0%} | {lv['labels_equal']} |")
-    rows.append(f"| offline predict | {result['texts']} | {result['offline_rows_per_s']} rows/s | | | | | | |")
+    rows.append(f"| offline predict | {result['texts']} | {result['offline_rows_per_s']} rows/s | | | | | | | |")
     return "\n".join(rows)
 
 
@@ -166,7 +173,10 @@ def main() -> None:
         asyncio.run(level(url, texts[:8], 2, args.max_seconds, None))  # warm-up
         levels = []
         for c in args.levels:
+            before = batch_counts(url)
             lv = asyncio.run(level(url, texts, c, args.max_seconds, None))
+            after = batch_counts(url)
+            lv["mean_batch"] = round((after[0] - before[0]) / max(1, after[1] - before[1]), 2)
             got = lv.pop("labels")
             lv["labels_equal"] = bool(got) and all(offline_labels[i] == lab for i, lab in got.items())
             lv["labels_compared"] = len(got)

@@ -41,6 +41,10 @@ class ModelArgs:
     attn_implementation: str | None = arg(None, "Attention kernel (sdpa, eager, flash_attention_2).", "--attn-implementation")
     gradient_checkpointing: bool = arg(False, "Recompute activations in backward (less memory, ~20% slower).", "--gradient-checkpointing")
     max_length: int = arg(512, "Longest prompt+answer in tokens; longer questions are truncated (never the instruction or answer).", "--max-length")
+    head: str = arg("generative", "generative: the model writes the label (LoRA on the language model); classification: "
+                    "a baseline with a linear head over the labels on the prompt's last token (sequence "
+                    "classification + LoRA, category tasks only; decode 'head').", "--head",
+                    ("generative", "classification"))
 
 
 @dataclass
@@ -61,6 +65,16 @@ class DataArgs:
     max_validation_samples: int | None = arg(None, "Use at most this many validation rows (seeded sample).", "--max-validation-samples")
     val_fraction: float = arg(0.2, "Fraction of rows for validation.", "--val-fraction")
     test_fraction: float = arg(0.2, "Fraction of rows for test.", "--test-fraction")
+    split_by: str | None = arg(
+        None, "Hold whole groups out: the values of this column (e.g. MMLU-Pro's src) are groups, and the test "
+        "split is made of groups drawn with --seed (about --test-fraction of the rows) that no training or "
+        "validation row comes from; validation stays a stratified sample of the other rows. Needs "
+        "--test-fraction > 0; RUN/run.json lists the held-out groups (split_groups).", "--split-by")
+    augment: str | None = arg(
+        None, "Training-time noise, typos:RATE (RATE in [0, 1]): after splitting, append to the training split "
+        "one copy of every training row with about RATE of its question's characters swapped, dropped or "
+        "duplicated (seeded with --seed; ids end in '-aug'). Doubles the training rows; validation and test "
+        "are never touched.", "--augment")
     answer_format: str = arg("letter", "Multiple choice: the model writes the letter, or the text of the correct "
                              "choice (mapped back to its letter; for models too small to bind letters).",
                              "--answer-format", ("letter", "text"))
@@ -154,6 +168,12 @@ class TrainConfig:
         p.check(0 < da.val_fraction < 1, f"--val-fraction must be in (0, 1) (got {da.val_fraction})")
         p.check(0 <= da.test_fraction < 1, f"--test-fraction must be in [0, 1) (got {da.test_fraction})")
         p.check(da.val_fraction + da.test_fraction < 0.9, "--val-fraction + --test-fraction must leave >= 10% for training")
+        p.check(not da.split_by or da.test_fraction > 0, f"--split-by {da.split_by} holds groups out as the test "
+                f"split and needs --test-fraction > 0 (got {da.test_fraction})")
+        if da.augment is not None:
+            from qwen_ft.data.perturb import parse_perturbation
+
+            p.attempt(parse_perturbation, da.augment, "--augment")
         p.check(tr.gpu_id is None or tr.gpu_id >= 0, f"--gpu-id must be >= 0 (got {tr.gpu_id})")
         p.check(seed_problem(tr.seed) is None, seed_problem(tr.seed) or "")
         p.check(mo.max_length <= 1_000_000, f"--max-length must be <= 1000000 (got {mo.max_length})")
@@ -162,6 +182,7 @@ class TrainConfig:
             p.check(v is None or v <= 1_000_000, f"--{name.replace('_', '-')} must be <= 1000000 (got {v})")
         p.check(op.lr_scheduler in LR_SCHEDULERS, f"--lr-scheduler {op.lr_scheduler!r} is not a schedule"
                 + _did_you_mean(op.lr_scheduler, LR_SCHEDULERS) + f"; known: {', '.join(LR_SCHEDULERS)}")
+        p.check(mo.head in HEADS, f"--head {mo.head!r} is not a head; known: {', '.join(HEADS)}")
         p.check(mo.attn_implementation in (None, *ATTENTION), f"--attn-implementation {mo.attn_implementation!r} "
                 f"is not an attention kernel" + _did_you_mean(mo.attn_implementation or "", ATTENTION)
                 + f"; known: {', '.join(ATTENTION)}")
@@ -179,6 +200,7 @@ def seed_problem(seed: int) -> str | None:
 # transformers schedules that need no extra arguments (cosine_with_min_lr & co. need lr_scheduler_kwargs)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "reduce_lr_on_plateau")
+HEADS = ("generative", "classification")
 # attention kernels built into transformers; hub kernels ("org/repo") would load code, so they are not offered
 ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
@@ -431,9 +453,23 @@ def save_yaml(obj, path: Path) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+LATER_DATA_FIELDS = ("split_by", "augment", "max_train_samples_per_category")  # off (None), they hash as before they existed
+
+
+def without_later_data_fields(data: dict) -> dict:
+    """A data section as hashed: the fields of LATER_DATA_FIELDS left out while off, so that unfinished runs
+    and study phases written before they existed still match."""
+    return {k: v for k, v in data.items() if not (k in LATER_DATA_FIELDS and v is None)}
+
+
 def config_hash(obj) -> str:
     import hashlib
     import json
 
     data = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    if isinstance(data.get("model"), dict) and data["model"].get("head") == "generative":
+        # the default head hashes as before the field existed: unfinished older runs still --resume
+        data = {**data, "model": {k: v for k, v in data["model"].items() if k != "head"}}
+    if isinstance(data.get("data"), dict):
+        data = {**data, "data": without_later_data_fields(data["data"])}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

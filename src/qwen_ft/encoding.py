@@ -138,3 +138,21 @@ class PromptEncoder:
             "labels": [IGNORE] * len(prompt) + answer,
             "length": len(prompt) + len(answer),
         }
+
+    def head_example(self, row: dict, pad_id: int | None) -> dict:
+        """A classification-head example (`--head classification`): the inference prompt alone, without the
+        answer, and its label's index as the target."""
+        prompt = check_head_prompt(self.prompt_ids(row), pad_id)
+        return {"input_ids": prompt, "labels": self.task.labels.index(row["label"]), "length": len(prompt)}
+
+
+def check_head_prompt(ids: list[int], pad_id: int | None) -> list[int]:
+    """A classification head reads the last token that is not the pad id (transformers' pooling, the same for
+    left and right padding). Prompts end with the opened assistant turn (or 'Answer:'), never with EOS, so
+    pad == eos tokenizers (SmolLM2) pool on the prompt's true last token; a prompt ending with the pad id
+    would be pooled on an earlier one, so it is refused rather than scored wrong."""
+    if ids and pad_id is not None and ids[-1] == pad_id:
+        raise UserError("this prompt ends with the padding token, so a classification head cannot find its last "
+                        "token", "Use a chat template or --prompt-style plain, whose prompts end with the answer's "
+                        "cue, or a tokenizer whose pad token differs from the prompt's last token.")
+    return ids

@@ -16,6 +16,13 @@ Decoding (`decode=`):
   number of answer tokens (end of turn included), `char` by the number of characters of the answer
   text as written after the prompt (lm-evaluation-harness `acc_norm`).
 * `free`: greedy text, valid only when it equals an answer.
+* `head`: the only decode of a `--head classification` run (`auto` picks it): one pass over each left-padded
+  prompt; `probability`/`top` are the softmax of the head's logits over the labels.
+
+Calibration: each row's result keeps the raw `scores` its softmax is taken over (`qwen_ft.calibration`).
+When the folder holds a calibration.json (`qwen-ft validate --calibrate`) fitted for the call's decode and
+normalize, `probability` and `top` are softmax(scores / T), `raw_probability` the uncalibrated value;
+the prediction never changes.
 """
 
 from __future__ import annotations
@@ -28,8 +35,9 @@ from pathlib import Path
 
 import torch
 
+from qwen_ft import calibration as calib
 from qwen_ft import distributed as dist
-from qwen_ft.encoding import PromptEncoder
+from qwen_ft.encoding import PromptEncoder, check_head_prompt
 from qwen_ft.errors import UserError
 from qwen_ft.metrics import classification_report
 from qwen_ft.scoring import (
@@ -38,6 +46,7 @@ from qwen_ft.scoring import (
     common_prefix,
     generate_texts,
     greedy_trie,
+    left_pad,
     match_answer,
     option_logprobs,
     prefix_cache,
@@ -46,25 +55,35 @@ from qwen_ft.scoring import (
 
 log = logging.getLogger(__name__)
 
-DECODES = ("auto", "constrained", "exact", "free")
+DECODES = ("auto", "constrained", "exact", "free", "head")
 NORMALIZE = ("auto", "none", "token", "char")
 
 
 class Classifier:
-    def __init__(self, model, encoder: PromptEncoder, precision: str = "fp32", info: dict | None = None):
+    def __init__(self, model, encoder: PromptEncoder, precision: str = "fp32", info: dict | None = None,
+                 calibration: dict | None = None):
         self.model = model.eval()
         self.encoder = encoder
         self.precision = precision
         self.info = dict(info or {})
+        # calibration.json: {"temperature", "decode", "normalize", ...}, applied to calls with that scoring
+        self.calibration = calibration
         self.device = next(model.parameters()).device
         tok = encoder.tok
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else encoder.eot_id
         # padded prompt tokens per batch (rows x longest row): sorted MMLU-Pro prompts (66-508 tokens) in
         # batches of 32 computed 2.9x the useful tokens; capped at 2048 on CPU, validation ran 2.5x faster
         self.max_batch_tokens = 2048 if self.device.type == "cpu" else 16384
+        # a classification head (`--head classification`) answers from one pass over the whole prompt
+        from qwen_ft.models import is_head_model
+
+        self.head = is_head_model(model)
+        if self.head and model.config.num_labels != len(self.labels):
+            raise UserError(f"the classification head has {model.config.num_labels} outputs for "
+                            f"{len(self.labels)} labels", "Its label_mapping.json must come from the same run.")
         # the instruction every prompt starts with, and its KV cache: computed once, read by every call
-        self._prefix = common_prefix([encoder.prompt_ids(r) for r in self._probe_rows()])
-        self._prefix_cache = prefix_cache(self.model, self._prefix, self.device)
+        self._prefix = [] if self.head else common_prefix([encoder.prompt_ids(r) for r in self._probe_rows()])
+        self._prefix_cache = None if self.head else prefix_cache(self.model, self._prefix, self.device)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -105,21 +124,33 @@ class Classifier:
         require_trust(folder, cfg.model.trust_remote_code, trust_remote_code)
         prec = resolve_precision(precision)
         dtype = inference_dtype(prec)
+        tokenizer = load_tokenizer(str(folder), trust_remote_code, padding_side="left")
+        mapping = RunDir(folder).label_mapping()  # checked (shape, and labels against the run's splits)
+        head = {}  # a classification-head run: the base with a head over the run's labels, the adapter's trained one
+        if cfg.model.head == "classification":
+            if not adapter:
+                raise UserError(f"{folder} was trained with --head classification: its head starts random, so the "
+                                "base model alone has no meaningful baseline", "Score the run with its adapter.")
+            head = {"labels": mapping["labels"], "pad_token_id": tokenizer.pad_token_id}
         if merged:
             model_path = str(folder)
-            model = load_model(model_path, dtype, dist.device(), cfg.model.attn_implementation, trust_remote_code)
+            model = load_model(model_path, dtype, dist.device(), cfg.model.attn_implementation, trust_remote_code,
+                               **head)
         else:
             model_path = resolve_model(base_model or cfg.model.model)
             check_adapter_matches(folder, load_config(model_path, trust_remote_code))
-            model = load_model(model_path, dtype, dist.device(), cfg.model.attn_implementation, trust_remote_code)
+            model = load_model(model_path, dtype, dist.device(), cfg.model.attn_implementation, trust_remote_code,
+                               **head)
             if adapter:
                 model = load_adapter(model, folder, merge=True)
-        tokenizer = load_tokenizer(str(folder), trust_remote_code, padding_side="left")
-        mapping = RunDir(folder).label_mapping()  # checked (shape, and labels against the run's splits)
         encoder = PromptEncoder(tokenizer, Task.from_mapping(mapping), cfg.model.max_length)
         info = {"model_path": str(folder), "kind": "merged" if merged else "run", "base_model": model_path,
                 "adapter": adapter, "precision": prec}
-        return cls(model, encoder, prec, info)
+        calibration = RunDir(folder).calibration() if adapter else None  # fitted for the adapter's scores
+        if calibration:
+            log.info("calibration.json: temperature %.4g for --decode %s --normalize %s",
+                     calibration["temperature"], calibration["decode"], calibration["normalize"])
+        return cls(model, encoder, prec, info, calibration)
 
     # ------------------------------------------------------------------ what it answers
     @property
@@ -183,24 +214,35 @@ class Classifier:
     def scoring(self, decode: str = "auto", normalize: str = "auto") -> tuple[str, str]:
         """'auto' decoding: constrained (fast, always valid) when answers end with an end-of-turn token, else
         exact; 'auto' normalization: per character for plain prompts (lm-evaluation-harness acc_norm, the
-        scoring the study reports for them), none otherwise."""
+        scoring the study reports for them), none otherwise. A classification head: 'head' (its only decode)."""
         if decode == "auto":
-            decode = "constrained" if self.ends_answers else "exact"
+            decode = "head" if self.head else "constrained" if self.ends_answers else "exact"
         if normalize == "auto":
             normalize = "char" if decode == "exact" and not self.ends_answers else "none"
         return decode, normalize
 
+    def temperature(self, decode: str = "auto", normalize: str = "auto") -> float | None:
+        """The calibration temperature that applies to this scoring (None: raw probabilities)."""
+        decode, normalize = self.scoring(decode, normalize)
+        cal = self.calibration
+        if cal and cal["decode"] == decode and cal["normalize"] == normalize:
+            return float(cal["temperature"])
+        return None
+
     def classify(self, rows: list[dict], *, decode: str = "auto", normalize: str = "auto", top_k: int = 1,
-                 batch_size: int = 16, progress: bool = False, distributed: bool = False) -> tuple[list[dict], dict]:
+                 batch_size: int = 16, progress: bool = False, distributed: bool = False,
+                 calibrated: bool = True) -> tuple[list[dict], dict]:
         """(per-row results, statistics of this call). `distributed`: under torchrun each process scores
         every N-th batch of one plan and all processes receive every result, identical for 1..N processes
-        (a row meets the same neighbours - padding, shared prefix - whatever the process count)."""
+        (a row meets the same neighbours - padding, shared prefix - whatever the process count).
+        `calibrated`: apply the folder's calibration temperature when it was fitted for this scoring."""
         decode, normalize = self.scoring(decode, normalize)
         self._check_args(decode, normalize, top_k, batch_size)
         self.check_rows(rows)
+        temperature = self.temperature(decode, normalize) if calibrated else None
         if not rows:
             return [], {**self._stats(0, 0.0, Counts(), decode, normalize, 0), "memory_per_rank": [],
-                        "world_size": dist.world_size() if distributed else 1}
+                        "world_size": dist.world_size() if distributed else 1, "temperature": temperature}
         truncated_before = self.encoder.n_truncated
         prompts = [self.encoder.prompt_ids(r) for r in rows]
         truncated = self.encoder.n_truncated - truncated_before
@@ -229,19 +271,31 @@ class Classifier:
         else:
             stats["memory_per_rank"] = [dist.peak_memory()]
         stats["world_size"] = dist.world_size() if distributed else 1
+        stats["temperature"] = temperature
         ordered: list[dict | None] = [None] * len(rows)
         for i, res in results:
-            ordered[i] = res
+            ordered[i] = res if temperature is None else _calibrated(res, temperature, top_k)
         return ordered, stats
 
     def evaluate(self, rows: list[dict], *, decode: str = "auto", normalize: str = "auto", top_k: int = 1,
-                 batch_size: int = 16, progress: bool = False, distributed: bool = False) -> tuple[dict, list[dict]]:
+                 batch_size: int = 16, progress: bool = False, distributed: bool = False,
+                 fit_temperature: bool = False) -> tuple[dict, list[dict]]:
         """(report, predictions) of labeled rows: the one eval.json schema (classification_report keys +
-        decode, normalize, chance, seconds, samples_per_s, tokens, precision) and one prediction per row."""
+        decode, normalize, chance, seconds, samples_per_s, tokens, precision, calibration) and one prediction
+        per row. `fit_temperature`: fit a calibration temperature on these rows' raw scores and apply it to
+        this call's results (report["calibration"]["fit"] holds it; nothing on the classifier changes)."""
         decode, normalize = self.scoring(decode, normalize)
+        if fit_temperature and decode == "free":
+            raise UserError("--calibrate needs probabilities, and --decode free gives none",
+                            "Use --decode constrained or --decode exact.")
         results, stats = self.classify(rows, decode=decode, normalize=normalize, top_k=top_k, batch_size=batch_size,
-                                       progress=progress, distributed=distributed)
+                                       progress=progress, distributed=distributed, calibrated=not fit_temperature)
         golds = [r["label"] for r in rows]
+        temperature, fitted = stats["temperature"], None
+        if fit_temperature:
+            fitted = calib.fit([r["scores"] for r in results], golds, [r["pred"] == g for r, g in zip(results, golds)])
+            temperature = fitted["temperature"]
+            results = [_calibrated(r, temperature, top_k) for r in results]
         report = classification_report(golds, [r["pred"] for r in results], self.labels)
         report.update({
             "decode": decode, "normalize": normalize, "chance": chance(self.task, rows),
@@ -250,10 +304,19 @@ class Classifier:
             "precision": self.precision, "world_size": stats["world_size"],
             "memory_per_rank": stats["memory_per_rank"], "truncated_prompts": stats["truncated_prompts"],
         })
+        # ECE / reliability bins / NLL of the probabilities reported (none under free decoding)
+        report["calibration"] = None
+        if decode != "free" and rows:
+            report["calibration"] = calib.summary([r["scores"] for r in results], golds,
+                                                  [r["pred"] == g for r, g in zip(results, golds)], temperature)
+            report["calibration"]["fitted_on_these_rows"] = fitted is not None  # then its ECE is optimistic
+            if fitted is not None:
+                report["calibration"]["fit"] = fitted
         predictions = []
         for row, res in zip(rows, results):
             pred = {"id": row.get("id"), "label": row["label"], "pred": res["pred"],
-                    "probability": res["probability"], "correct": res["pred"] == row["label"], "valid": res["valid"]}
+                    "probability": res["probability"], "raw_probability": res["raw_probability"],
+                    "correct": res["pred"] == row["label"], "valid": res["valid"]}
             if top_k > 1:
                 pred["top"] = res["top"]
             if "output" in res:
@@ -267,10 +330,19 @@ class Classifier:
             raise UserError(f"decode must be one of {', '.join(DECODES)} (got {decode!r})")
         if normalize not in NORMALIZE:
             raise UserError(f"normalize must be one of {', '.join(NORMALIZE)} (got {normalize!r})")
+        if self.head != (decode == "head"):
+            if self.head:
+                raise UserError(f"--decode {decode} scores written answers, and this run has a classification head "
+                                "(--head classification), which writes none", "Use --decode head (or auto).")
+            raise UserError("--decode head applies to runs trained with --head classification, and this one "
+                            "writes its answers", "Use --decode auto, constrained or exact.")
+        if decode == "head" and normalize != "none":
+            raise UserError(f"--normalize {normalize} applies to --decode exact, not to a classification head",
+                            "Leave --normalize at auto.")
         if normalize != "none" and decode != "exact":
             raise UserError(f"--normalize {normalize} applies to --decode exact (each answer's full "
                             f"log-probability), not to --decode {decode}", "Add --decode exact.")
-        if decode != "exact" and not self.ends_answers:
+        if decode not in ("exact", "head") and not self.ends_answers:
             raise UserError(f"--decode {decode} needs answers that end with an end-of-turn token, and this "
                             "run's answers carry none (one answer may be the start of another)",
                             "Use --decode exact.")
@@ -282,7 +354,7 @@ class Classifier:
     def _call_prefix(self, prompts: list[list[int]], decode: str):
         """The prefix shared by this call's prompts and its cache (the instruction's, computed once, when
         every prompt starts with it)."""
-        if decode == "free":
+        if decode in ("free", "head"):
             return [], None
         p = self._prefix
         if p and all(len(q) > len(p) and q[: len(p)] == p for q in prompts):
@@ -293,6 +365,8 @@ class Classifier:
     def _batch(self, decode, normalize, top_k, rows, prompts, prefix, cache, counts) -> list[dict]:
         if decode == "free":
             return self._free(rows, prompts, counts)
+        if decode == "head":
+            return self._head(prompts, top_k, counts)
         opts = [self.encoder.answer_options(r) for r in rows]
         suffixes = [p[len(prefix):] for p in prompts]
         seqs = [s for _, s in opts]
@@ -309,7 +383,10 @@ class Classifier:
                     lead = 0 if self.encoder.has_template else 1
                     chars = [max(1, lead + len(self.task.answer(rows[k], lab))) for lab in labels]
                     scores = scores / torch.tensor(chars, dtype=torch.float64)
-                out.append(_ranked(labels, torch.softmax(scores, -1).tolist(), top_k))
+                res = _ranked(labels, torch.softmax(scores, -1).tolist(), top_k)
+                res["scores"] = {"labels": list(labels), "values": scores.tolist(),
+                                 "groups": list(range(len(labels)))}
+                out.append(res)
             return out
         logits, kv, mask, lengths = suffix_pass(self.model, suffixes, len(prefix), cache, self.pad_id, self.device,
                                               counts)
@@ -317,10 +394,33 @@ class Classifier:
         out = []
         for k, (labels, options) in enumerate(opts):
             first_ids = sorted({s[0] for s in options})
-            p = torch.softmax(logits[k, first_ids].double(), -1).tolist()
+            first_logits = logits[k, first_ids].double()
+            p = torch.softmax(first_logits, -1).tolist()
             by_token = dict(zip(first_ids, p))
             probs = [by_token[s[0]] for s in options]
-            out.append(_ranked(labels, probs, top_k, first=chosen[k]))
+            res = _ranked(labels, probs, top_k, first=chosen[k])
+            logit_of = dict(zip(first_ids, first_logits.tolist()))
+            res["scores"] = {"labels": list(labels), "values": [logit_of[s[0]] for s in options],
+                             "groups": [s[0] for s in options]}
+            out.append(res)
+        return out
+
+    @torch.inference_mode()
+    def _head(self, prompts, top_k, counts) -> list[dict]:
+        """A classification head's softmax over the labels. Left-padded, so every row's last prompt token is the
+        last column, which is the token the model pools: the last one that is not the pad id (prompts never
+        end with it: `check_head_prompt`)."""
+        ids, mask = left_pad([check_head_prompt(p, self.model.config.pad_token_id) for p in prompts], self.pad_id,
+                             self.device)
+        counts.computed_tokens += int(mask.sum())
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                            use_cache=False).logits.double().cpu()
+        out = []
+        for row_logits in logits:
+            res = _ranked(self.labels, torch.softmax(row_logits, -1).tolist(), top_k)
+            res["scores"] = {"labels": list(self.labels), "values": row_logits.tolist(),
+                             "groups": list(range(len(self.labels)))}
+            out.append(res)
         return out
 
     def _free(self, rows, prompts, counts) -> list[dict]:
@@ -331,7 +431,8 @@ class Classifier:
         out = []
         for row, text in zip(rows, texts):
             pred = match_answer(text, {lab: task.answer(row, lab) for lab in task.row_labels(row)})
-            out.append({"pred": pred, "probability": None, "top": [], "valid": pred is not None, "output": text})
+            out.append({"pred": pred, "probability": None, "raw_probability": None, "top": [], "valid": pred is not None,
+                        "output": text})
         return out
 
     @staticmethod
@@ -346,8 +447,18 @@ def _ranked(labels: list[str], probs: list[float], top_k: int, first: int | None
     """Result of one row from its answers' probabilities; `first` forces the prediction (greedy trie)."""
     order = sorted(range(len(labels)), key=lambda j: (j != first, -probs[j], j))
     best = order[0]
-    return {"pred": labels[best], "probability": round(float(probs[best]), 6),
+    p = round(float(probs[best]), 6)
+    return {"pred": labels[best], "probability": p, "raw_probability": p,
             "top": [[labels[j], round(float(probs[j]), 6)] for j in order[:top_k]], "valid": True}
+
+
+def _calibrated(res: dict, temperature: float, top_k: int) -> dict:
+    """A row's result with `probability` and `top` at `temperature`; its prediction (kept first, whatever
+    rounding does to near-ties) and `raw_probability` stay as scored."""
+    scores = res["scores"]
+    labels = scores["labels"]
+    ranked = _ranked(labels, calib.probabilities(scores, temperature), top_k, first=labels.index(res["pred"]))
+    return {**res, "probability": ranked["probability"], "top": ranked["top"]}
 
 
 def _progress(batches: list[int], enabled: bool, total_rows: int, sizes: list[int]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -147,21 +148,52 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               attn_implementation: str | None = None, trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM
+               attn_implementation: str | None = None, trust_remote_code: bool = False,
+               labels: list[str] | None = None, pad_token_id: int | None = None):
+    """The causal LM; with `labels`, the same base with a linear classification head over them instead of
+    its language-model head (sequence classification, pooled on the last token that is not `pad_token_id`)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if attn_implementation:
         check_attention(attn_implementation)  # the model may load on the CPU and move to the GPU later
         kwargs["attn_implementation"] = attn_implementation
+    auto = AutoModelForCausalLM
+    if labels is not None:
+        auto = AutoModelForSequenceClassification
+        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                      label2id={lab: i for i, lab in enumerate(labels)}, pad_token_id=pad_token_id)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with _quiet_new_head(labels is not None):
+            model = auto.from_pretrained(path, **kwargs)
     except Exception as e:
         if _environment_error(e):
             raise
         raise _load_error("the model", path, e, "The weights do not fit the config, or a file is damaged: "
                           "check the model folder, or download it again.") from None
     return model.to(device)
+
+
+@contextlib.contextmanager
+def _quiet_new_head(new_head: bool):
+    """A base checkpoint has no `score` weights: the head starts random by design (training) or is replaced by
+    the run's trained one (inference), so transformers' warning about newly initialized weights is noise."""
+    if not new_head:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def is_head_model(model) -> bool:
+    """A sequence-classification model (a `--head classification` run), bare, merged or wrapped by PEFT."""
+    return type(model).__name__.endswith("ForSequenceClassification")
 
 
 def check_attention(name: str | None, device: str | torch.device | None = None) -> None:
@@ -197,10 +229,13 @@ def lora_targets(model, wanted: list[str] | None) -> list[str] | str:
 
 
 def apply_lora(model, lora: LoraArgs, gradient_checkpointing: bool = False):
+    """LoRA on the base; a classification head (SEQ_CLS) is also trained whole: peft adds `score` to
+    modules_to_save, so its trained copy is saved with the adapter."""
     from peft import LoraConfig, get_peft_model
 
+    task_type = "SEQ_CLS" if is_head_model(model) else "CAUSAL_LM"
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora_targets(model, lora.target_modules), task_type="CAUSAL_LM")
+                        target_modules=lora_targets(model, lora.target_modules), task_type=task_type)
     if gradient_checkpointing:
         # non-reentrant: the reentrant default breaks DDP + LoRA ("mark a variable ready only once")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -10,6 +10,7 @@ Layout (see README):
     checkpoints/           Trainer checkpoints while training (removed when the run completes)
     COMPLETE               written last, atomically; readers refuse a folder without it
     eval/                  outputs of `qwen-ft validate`
+    calibration.json       the temperature fitted by `qwen-ft validate --calibrate` (optional)
 """
 
 from __future__ import annotations
@@ -192,6 +193,30 @@ class RunDir:
     def info(self) -> dict:
         return self._json(self.path / "run.json", "run.json is written by `qwen-ft train`; retrain the run.")
 
+    def calibration(self) -> dict | None:
+        """calibration.json (the fitted temperature), checked; None when the folder has none."""
+        from qwen_ft.calibration import check
+
+        path = self.path / CALIBRATION
+        if not path.is_file():
+            return None
+        return check(self._json(path, "calibration.json is written by `qwen-ft validate --calibrate`: run it "
+                                      "again, or remove the file."), path)
+
+    def check_calibration_writable(self) -> None:
+        """calibration.json may be written: absent, or one that qwen-ft wrote (never another file of that name)."""
+        path = self.path / CALIBRATION
+        if path.exists() and not written_by_us(self.path, CALIBRATION):
+            raise UserError(f"{path} exists and was not written by `qwen-ft validate --calibrate`; it is left as is",
+                            "Move it away, then run --calibrate again.")
+
+    def write_calibration(self, data: dict) -> Path:
+        """Write calibration.json atomically (temp file + os.replace)."""
+        self.check_calibration_writable()
+        path = self.path / CALIBRATION
+        write_json(path, {"written_by": WRITER, **data})
+        return path
+
     @staticmethod
     def _json(path: Path, hint: str):
         try:
@@ -350,6 +375,7 @@ def remove_torn_checkpoints(folder: Path, keep: Path | None) -> list[Path]:
 WRITER = "qwen-ft"
 RUN_MARKER = "run.json"  # training runs
 MERGE_MARKER = "merge.json"  # merged model folders
+CALIBRATION = "calibration.json"  # the temperature of `qwen-ft validate --calibrate`
 
 
 def written_by_us(folder: Path, marker: str = RUN_MARKER) -> bool:

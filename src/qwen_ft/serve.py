@@ -400,7 +400,7 @@ def create_app(load: Callable[[], object], *, limits: Limits | None = None, api_
         return await batcher.submit(rows, top_k)
 
     def result(res: dict, top_k: int) -> dict:
-        return {"label": res["pred"], "probability": res["probability"],
+        return {"label": res["pred"], "probability": res["probability"], "raw_probability": res["raw_probability"],
                 "top": [{"label": lab, "probability": p} for lab, p in res["top"][:top_k]]}
 
     @app.get("/health")

@@ -110,6 +110,32 @@ def answer_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch
     return loss / n
 
 
+class HeadCollator(LeftPadCollator):
+    """A classification-head batch (`--head classification`): prompts padded on the left, so each row's last
+    prompt token sits in the last column; `labels` are the class ids."""
+
+    def __call__(self, features: list[dict]) -> dict:
+        width = max(len(f["input_ids"]) for f in features)
+        if self.multiple:
+            width = -(-width // self.multiple) * self.multiple
+        input_ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):
+            input_ids[i, width - len(f["input_ids"]):] = torch.as_tensor(f["input_ids"])
+            mask[i, width - len(f["input_ids"]):] = 1
+        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+                "labels": torch.tensor([f["labels"] for f in features], dtype=torch.long)}
+
+
+def class_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """The sequence-classification model's own cross-entropy over its pooled logits, summed and divided by the
+    rows of the whole (accumulated, all-process) batch as `answer_loss` is: the model's per-micro-batch mean
+    would be scaled by neither gradient accumulation nor the process count."""
+    logits = outputs.logits.float()
+    loss = F.cross_entropy(logits, labels.to(logits.device), reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else labels.numel())
+
+
 class SeededLengthGroupedSampler(LengthGroupedSampler):
     """Length-grouped order drawn from (seed, epoch) alone. The stock sampler draws it from the global RNG,
     whose state at an epoch start a resumed run cannot reproduce, so its data order would differ."""
@@ -233,6 +259,9 @@ def check_inputs(cfg: TrainConfig | dict, resume: bool, overwrite: bool, prepare
     if prepared is None and (not p or not (is_hub(cfg.data.data) or is_hub(cfg.data.validation_data))):
         # local data is cheap to check alongside; a hub download waits until everything else is right
         prepared = p.attempt(prepare, (r.config if r else cfg).data, cfg.train.seed)
+    if cfg.model.head == "classification" and prepared is not None and prepared.task.name != "category":
+        p.add(f"--head classification trains a head over a fixed label set: category tasks only (this data is "
+              f"{prepared.task.name})", "Train multiple choice with the default --head generative.")
     out = Path(r.config.train.output_dir if r else cfg.train.output_dir or default_output_dir(cfg))
     reads = {"--data": cfg.data.data, "--validation-data": cfg.data.validation_data,
              "--model": r.model_path if r else cfg.model.model, **(inputs or {})}
@@ -282,6 +311,9 @@ def train(cfg: TrainConfig | dict, *, resume: bool = False, overwrite: bool = Fa
     """
     if isinstance(cfg, dict):
         cfg = resolve(TrainConfig, [cfg], check=False)
+    if base_model is not None and cfg.model.head != "generative":
+        raise UserError(f"--head {cfg.model.head} loads its own sequence-classification model; a preloaded base "
+                        "model (the study's) is a causal LM", "Train the head with qwen-ft train.")
     dist.select_gpu(cfg.train.gpu_id)
     r, prepared, plan = check_inputs(cfg, resume, overwrite, prepared, inputs)  # nothing loaded or written yet
     dist.init()
@@ -312,8 +344,10 @@ def _train(r: Resolved, prepared: Prepared, plan: OutputPlan, base_model, callba
 
     tokenizer = load_tokenizer(r.model_path, cfg.model.trust_remote_code)
     encoder = PromptEncoder(tokenizer, prepared.task, cfg.model.max_length)
-    train_ds, n_trunc_train = _encoded(encoder, prepared, "train", encode_cache)
-    val_ds, n_trunc_val = _encoded(encoder, prepared, "validation", encode_cache)
+    head = cfg.model.head == "classification"
+    head_pad = tokenizer.pad_token_id if head else None  # `--head classification`: prompts alone, class ids
+    train_ds, n_trunc_train = _encoded(encoder, prepared, "train", encode_cache, head_pad)
+    val_ds, n_trunc_val = _encoded(encoder, prepared, "validation", encode_cache, head_pad)
     n_truncated = n_trunc_train + n_trunc_val
     if n_truncated and dist.is_main():
         log.warning("%d of %d prompts were longer than --max-length %d: their question text was truncated "
@@ -325,7 +359,8 @@ def _train(r: Resolved, prepared: Prepared, plan: OutputPlan, base_model, callba
         model = copy.deepcopy(base_model)
     else:
         model = load_model(r.model_path, torch.float32, "cpu", cfg.model.attn_implementation,
-                           cfg.model.trust_remote_code)
+                           cfg.model.trust_remote_code, labels=prepared.task.labels if head else None,
+                           pad_token_id=head_pad)  # seeded above: the new head's random start is reproducible
     model.config.use_cache = False
     model = apply_lora(model, cfg.lora, cfg.model.gradient_checkpointing)
     if model_hook is not None:
@@ -404,15 +439,18 @@ def _best_step(trainer) -> int | None:
     return int(ckpt.rsplit("-", 1)[-1]) if ckpt and ckpt.rsplit("-", 1)[-1].isdigit() else None
 
 
-def _encoded(encoder: PromptEncoder, prepared: Prepared, split: str, cache: dict | None):
-    """(tokenized split, prompts truncated) - from `cache` when the same split was encoded the same way."""
+def _encoded(encoder: PromptEncoder, prepared: Prepared, split: str, cache: dict | None, head_pad: int | None = None):
+    """(tokenized split, prompts truncated) - from `cache` when the same split was encoded the same way.
+    `head_pad`: the pad id of a classification-head run, whose examples are the prompts and class ids."""
     from datasets import Dataset
 
-    key = (id(prepared), split, encoder.max_length, getattr(encoder.tok, "name_or_path", None))
+    head = head_pad is not None
+    key = (id(prepared), split, encoder.max_length, getattr(encoder.tok, "name_or_path", None), head)
     if cache is not None and key in cache:
         return cache[key]
     before = encoder.n_truncated
-    ds = Dataset.from_list([encoder.train_example(row) for row in prepared.splits[split]])
+    ds = Dataset.from_list([encoder.head_example(row, head_pad) if head else encoder.train_example(row)
+                            for row in prepared.splits[split]])
     value = (ds, encoder.n_truncated - before)
     if cache is not None:
         cache[key] = value
@@ -458,7 +496,8 @@ def _write_run_start(run: RunDir, r: Resolved, prepared: Prepared, precision: st
             "base_model": r.config.model.model, "base_model_path": r.model_path, "n_params": r.n_params,
             "preset": r.preset, "base_shape": r.base_shape, "precision": precision, "world_size": world,
             "per_device_batch": r.config.train.batch_size, "global_batch": global_batch,
-            "truncated_prompts": n_truncated, "command": " ".join(sys.argv), **env_info(),
+            "truncated_prompts": n_truncated, "command": " ".join(sys.argv),
+            **({"split_groups": prepared.groups} if prepared.groups else {}), **env_info(),
         })
         (out / "metrics.jsonl").write_text("")
 
@@ -515,10 +554,11 @@ def _build_trainer(cfg: TrainConfig, run: RunDir, model, tokenizer, train_ds, va
                  optimizers.OptimizerModeCallback(), *extra_callbacks]
     if t.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
+    head = cfg.model.head == "classification"
     trainer = SeededTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-        data_collator=LeftPadCollator(tokenizer.pad_token_id, 8 if not cpu else None),
-        compute_loss_func=answer_loss, callbacks=callbacks, optim_args=o,
+        data_collator=(HeadCollator if head else LeftPadCollator)(tokenizer.pad_token_id, 8 if not cpu else None),
+        compute_loss_func=class_loss if head else answer_loss, callbacks=callbacks, optim_args=o,
     )
     strip_default_printing(trainer)
     return trainer

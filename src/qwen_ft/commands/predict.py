@@ -18,13 +18,14 @@ def run_predict(model_path: str, texts: list[str], top: int = 3, base_model: str
     if not texts:
         raise UserError("no input: pass texts as arguments or lines on standard input")
     rows = [clf.row(t) for t in texts]
-    results, _ = clf.classify(rows, decode="exact", top_k=top)
+    results, _ = clf.classify(rows, decode="head" if clf.head else "exact", top_k=top)  # every label's probability
     out = []
     for text, res in zip(texts, results):
         out.append({"input": text, "label": res["pred"], "probability": res["probability"],
-                    "alternatives": res["top"][1:]})
+                    "raw_probability": res["raw_probability"], "alternatives": res["top"][1:]})
         alts = ", ".join(f"{lab} {p:.3f}" for lab, p in res["top"][1:])
-        print(f"{text[:70]!r}\n  -> {res['pred']} (p={res['probability']:.3f}); next: {alts}")
+        raw = f", raw {res['raw_probability']:.3f}" if res["raw_probability"] != res["probability"] else ""
+        print(f"{text[:70]!r}\n  -> {res['pred']} (p={res['probability']:.3f}{raw}); next: {alts}")
     return out
 
 

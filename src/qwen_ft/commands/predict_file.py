@@ -129,7 +129,8 @@ def plain(value):
 # ----------------------------------------------------------------------------- writing
 
 def output_columns(has_id: bool, top: int) -> list[str]:
-    return [*(["id"] if has_id else []), "label", "probability", *(["top"] if top > 1 else []), "error"]
+    return [*(["id"] if has_id else []), "label", "probability", "raw_probability", *(["top"] if top > 1 else []),
+            "error"]
 
 
 def convert(partial: Path, target: Path, fmt: str, chunk_rows: int, columns: list[str]) -> None:
@@ -167,7 +168,8 @@ def _write_parquet(records: Iterator[dict], tmp: Path, chunk_rows: int, columns:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    fields = {"id": pa.string(), "label": pa.string(), "probability": pa.float64(), "error": pa.string(),
+    fields = {"id": pa.string(), "label": pa.string(), "probability": pa.float64(),
+              "raw_probability": pa.float64(), "error": pa.string(),
               "top": pa.list_(pa.struct([("label", pa.string()), ("probability", pa.float64())]))}
     schema = pa.schema([(k, fields[k]) for k in columns])
     with pq.ParquetWriter(tmp, schema) as writer:
@@ -293,9 +295,10 @@ def predict_chunk(clf: Classifier, chunk: list[dict], text_col: str, id_col: str
         out = {"id": plain(rec.get(id_col))} if id_col else {}
         res = by_row.get(i)
         if res is None:
-            out.update({"label": None, "probability": None, "error": "no text"})
-        else:
-            out.update({"label": res["pred"], "probability": res["probability"]})
+            out.update({"label": None, "probability": None, "raw_probability": None, "error": "no text"})
+        else:  # probability: calibrated when the run has a calibration.json for this scoring
+            out.update({"label": res["pred"], "probability": res["probability"],
+                        "raw_probability": res["raw_probability"]})
         if top > 1:
             out["top"] = res["top"] if res is not None else []
         buf.write(json.dumps(out, ensure_ascii=False) + "\n")

@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from qwen_ft import distributed as dist
+from qwen_ft.calibration import write_reliability
 from qwen_ft.engine import Classifier, stderr_is_terminal
 from qwen_ft.errors import Problems, UserError
 from qwen_ft.metrics import write_confusion
@@ -45,7 +46,10 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
                  base_model: str | None = None, precision: str = "auto", gpu_id: int | None = None,
                  baseline: bool = False, data: str | None = None, text_column: str | None = None,
                  label_column: str | None = None, hub_split: str | None = None, skip_unknown_labels: bool = False,
-                 normalize: str = "auto", trust_remote_code: bool = False) -> dict:
+                 normalize: str = "auto", trust_remote_code: bool = False, perturb: str | None = None,
+                 perturb_seed: int | None = None, calibrate: bool = False) -> dict:
+    from qwen_ft.data.perturb import parse_perturbation, perturb_rows
+
     dist.select_gpu(gpu_id)
     p = Problems()  # every problem with the flags and the folder at once
     p.check(batch_size > 0, f"--batch-size must be > 0 (got {batch_size})")
@@ -54,6 +58,13 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
             f"--normalize {normalize} applies to --decode exact")
     p.check(data is not None or not (text_column or label_column or hub_split),
             "--text-column/--label-column/--hub-split apply to --data")
+    p.check(not calibrate or decode != "free", "--calibrate needs probabilities, and --decode free gives none")
+    p.check(not calibrate or not baseline, "--calibrate fits the run's own model, not the --baseline")
+    p.check(not calibrate or perturb is None, "--calibrate fits on the rows as they are, not on --perturb noise")
+    if calibrate:
+        p.attempt(RunDir(model_path).check_calibration_writable)
+    perturbation = p.attempt(parse_perturbation, perturb) if perturb is not None else None
+    p.check(perturb is not None or perturb_seed is None, "--perturb-seed applies to --perturb")
     is_merged = (Path(model_path) / "merge.json").is_file()
     run = None if is_merged else p.attempt(RunDir(model_path).require_complete)
     p.raise_if_any()
@@ -73,16 +84,24 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
         raise UserError(f"no rows to score in {data or f'the {split} split of {model_path}'}",
                         "Use --split validation or --split test, or another --data.")
     rows = rows[:num_samples] if num_samples else rows
-    out_dir = Path(output_dir) if output_dir else Path(model_path) / ("eval-baseline" if baseline else "eval")
+    noise = None
+    if perturbation is not None:  # the question text only: labels and choices stay as they are
+        rows, noise = perturb_rows(rows, perturbation, perturb_seed or 0)
+    # by default each kind of evaluation has its own folder: a noisy or baseline eval never replaces the clean one
+    kind = "eval" + ("-baseline" if baseline else "") + (f"-{perturbation.kind}-{perturbation.rate:g}" if perturbation else "")
+    out_dir = Path(output_dir) if output_dir else Path(model_path) / kind
 
     report, predictions = clf.evaluate(rows, decode=decode, normalize=normalize, batch_size=batch_size,
-                                       progress=dist.is_main() and stderr_is_terminal(), distributed=True)
+                                       progress=dist.is_main() and stderr_is_terminal(), distributed=True,
+                                       fit_temperature=calibrate)
     if not dist.is_main():
         return {}
     report.update({"data": data or f"split:{split}", "split": None if data else split, "baseline": baseline,
                    "model_path": str(model_path)})
     if data is not None:
         report["skipped_unknown_labels"] = skipped
+    if noise is not None:
+        report["perturb"] = noise
     if report["truncated_prompts"]:
         log.warning("%d of %d prompts were longer than --max-length %d: their question text was truncated",
                     report["truncated_prompts"], len(rows), clf.encoder.max_length)
@@ -90,8 +109,22 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
     (out_dir / "eval.json").unlink(missing_ok=True)  # eval.json marks a whole eval: gone first, written last
     write_jsonl(out_dir / "predictions.jsonl", predictions)
     write_confusion([r["label"] for r in rows], [p["pred"] for p in predictions], clf.labels, out_dir)
+    if report["calibration"]:
+        write_reliability(report["calibration"], out_dir / "reliability.png")
+    if calibrate:
+        fit = report["calibration"]["fit"]
+        path = RunDir(model_path).write_calibration({
+            "temperature": fit["temperature"], "fitted_on": report["data"], "n": fit["n"], "decode": report["decode"],
+            "normalize": report["normalize"], "precision": report["precision"],
+            **{k: v for k, v in fit.items() if k not in ("temperature", "n")}})
+        log.info("calibration: temperature %.4g fitted on %d rows; NLL %.4f -> %.4f, ECE %.4f -> %.4f (2-fold "
+                 "cross-fitted %s); wrote %s", fit["temperature"], fit["n"], fit["nll_before"], fit["nll_after"],
+                 fit["ece_before"], fit["ece_after"], fit["ece_cross_fitted"], path)
     write_json(out_dir / "eval.json", report)
     log.info(summary_table(report, clf.labels))
+    if noise is not None:
+        log.info("perturbed questions: %s:%g, seed %d, %.2f%% of the characters changed", noise["kind"],
+                 noise["rate"], noise["seed"], 100 * noise["chars_changed_fraction"])
     if skipped:
         log.info("left out %d rows with labels the run does not know: %s", sum(skipped.values()), skipped)
     log.info("wrote %s", out_dir / "eval.json")
@@ -114,6 +147,11 @@ def summary_table(report: dict, labels: list[str]) -> str:
         + (f" (normalize {report['normalize']})" if report["normalize"] != "none" else "")
         + f"   {report['samples_per_s']} samples/s on {report['world_size']} process(es)",
     ]
+    cal = report.get("calibration")
+    if cal:
+        lines.append(f"calibration ECE {cal['ece']:.4f}  NLL {cal['nll']:.4f}  " + (
+            f"at temperature {cal['temperature']:.4g} (raw: ECE {cal['ece_raw']:.4f}, NLL {cal['nll_raw']:.4f})"
+            if cal["temperature"] else "(raw probabilities)"))
     return "\n".join(lines)
 
 
@@ -130,14 +168,19 @@ def add_parser(sub, name: str) -> None:
                    help="Leave out rows whose label the run does not know (counted in eval.json) instead of "
                         "stopping with an error.")
     p.add_argument("--num-val-samples", type=int, default=None, help="Score only the first N rows.")
-    p.add_argument("--decode", default="auto", choices=("auto", "constrained", "exact", "free"),
+    p.add_argument("--decode", default="auto", choices=("auto", "constrained", "exact", "free", "head"),
                    help="auto (default): constrained where answers end with an end token (chat prompts), else exact; "
                         "constrained (fast): greedy decoding over the labels' token trie, the shared instruction "
                         "computed once (always valid); exact: each label's exact probability, argmax (always "
-                        "valid, slower); free: greedy text, exact match.")
+                        "valid, slower); free: greedy text, exact match; head: a --head classification run's only decode.")
     p.add_argument("--normalize", default="auto", choices=("auto", "none", "token", "char"),
                    help="With --decode exact (auto: char for plain prompts, else none): divide each answer's log-probability by its number of tokens, or "
                         "of characters (lm-evaluation-harness acc_norm), before comparing answers.")
+    p.add_argument("--perturb", default=None, metavar="typos:RATE",
+                   help="Score noisy questions: each character of a question is, with probability RATE, swapped with "
+                        "the next, dropped or duplicated (seeded; labels and choices untouched); eval.json records "
+                        "the rate and the fraction of characters changed (default folder RUN/eval-typos-RATE).")
+    p.add_argument("--perturb-seed", type=int, default=None, help="Seed of --perturb's noise (default 0).")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--output-dir", default=None, help="Where eval.json etc. go (default: RUN/eval).")
     p.add_argument("--base-model", default=None, help="Override the base model recorded in the run.")
@@ -147,7 +190,11 @@ def add_parser(sub, name: str) -> None:
                    help="Score the base model without the adapter (same prompt and rows): the untrained baseline.")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="Allow the model's own code from its repository (needed when the run was trained with it).")
+    p.add_argument("--calibrate", action="store_true",
+                   help="Fit a temperature on the scored rows (minimum NLL of the gold labels) and write "
+                        "MODEL_PATH/calibration.json; test, predict and serve then report calibrated probabilities "
+                        "for the same --decode/--normalize (raw_probability beside them).")
     p.set_defaults(func=lambda a: run_validate(
         a.model_path, a.split, a.num_val_samples, a.decode, a.batch_size, a.output_dir, a.base_model, a.precision,
         a.gpu_id, a.baseline, a.data, a.text_column, a.label_column, a.hub_split, a.skip_unknown_labels,
-        a.normalize, a.trust_remote_code))
+        a.normalize, a.trust_remote_code, a.perturb, a.perturb_seed, calibrate=a.calibrate))

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen_ft.config import DataArgs, seed_problem
+from qwen_ft.data.perturb import augment_rows
 from qwen_ft.data.sources import DEMOS, describe, is_hub, read_records
-from qwen_ft.data.splits import sample, sample_per_label, split_rows
+from qwen_ft.data.splits import sample, sample_per_label, split_by_group, split_rows
 from qwen_ft.errors import Problems, UserError
 from qwen_ft.tasks import TASKS, Task, detect_task
 
@@ -23,23 +24,33 @@ class Prepared:
     splits: dict[str, list[dict]]
     dropped: int = 0
     duplicates: int = 0  # exact duplicate rows removed before splitting
+    groups: dict | None = None  # --split-by: {"column", "test": held-out groups, "train": the others}
 
     def summary(self) -> str:
         sizes = ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())
         dups = f" ({self.duplicates} duplicate rows removed)" if self.duplicates else ""
-        return f"task {self.task.name}, {len(self.task.labels)} labels; rows: {sizes}{dups}"
+        held = (f"; test holds {len(self.groups['test'])} of {len(self.groups['test']) + len(self.groups['train'])} "
+                f"groups of {self.groups['column']}, unseen in training" if self.groups else "")
+        return f"task {self.task.name}, {len(self.task.labels)} labels; rows: {sizes}{dups}{held}"
 
 
-def load_rows(source: str, task_name: str, data: DataArgs, id_prefix: str) -> tuple[str, list[dict], int]:
+def load_rows(source: str, task_name: str, data: DataArgs, id_prefix: str,
+              group_column: str | None = None) -> tuple[str, list[dict], int]:
+    """(task name, normalized rows, rows dropped); `group_column`: each row keeps that column's value as
+    "group" (--split-by)."""
     records = read_records(source, data.hub_split)
     if not records:
         raise UserError(f"data set {describe(source)} is empty", "Pass a file with at least a few rows.")
+    if group_column is not None and group_column not in records[0]:
+        raise UserError(f"--split-by column '{group_column}' not found in {describe(source)}; columns found: "
+                        f"{', '.join(map(str, records[0])) or 'none'}", "Name one of these columns in --split-by.")
     if task_name == "auto":
         task_name = detect_task(list(records[0].keys()))
     if task_name == "multiple_choice":
         _check_choice_counts(records, source)
     rows, dropped = TASKS[task_name].normalize(records, text_column=data.text_column,
-                                               label_column=data.label_column, id_prefix=id_prefix)
+                                               label_column=data.label_column, id_prefix=id_prefix,
+                                               group_column=group_column)
     if not rows:
         raise UserError(f"data set {describe(source)} is empty after dropping {dropped} rows without text or label",
                         "Check --text-column / --label-column.")
@@ -131,7 +142,8 @@ def prepare(data: DataArgs, seed: int) -> Prepared:
         raise UserError(f"--validation-data {data.validation_data} is the same data as --data: every validation "
                         "row would also be a training row", "Drop --validation-data (a validation split is then "
                         "taken from --data), or pass a separate validation file.")
-    loaded = p.attempt(load_rows, data.data, data.task, data, "train" if data.validation_data else "row")
+    loaded = p.attempt(load_rows, data.data, data.task, data, "train" if data.validation_data else "row",
+                       data.split_by or None)
     vloaded = None
     if data.validation_data:
         vtask = loaded[0] if loaded else data.task
@@ -157,6 +169,11 @@ def prepare(data: DataArgs, seed: int) -> Prepared:
         warn_similar_labels(rows + (vloaded[1] if vloaded else []))
     rows = sample(sample_per_label(rows, None if is_mc else data.max_samples_per_category, seed), data.max_samples, seed)
 
+    groups, test_rows = None, None
+    if data.split_by:  # the test split: whole groups, none of them seen in training or validation
+        other, test_rows, held = split_by_group(rows, data.test_fraction, seed, data.split_by, stratify=not is_mc)
+        groups = {"column": data.split_by, "test": held,
+                  "train": sorted({r["group"] for r in other}, key=str)}
     if data.validation_data:
         vtask, val_rows, vdropped = vloaded
         if vtask != task_name:
@@ -164,11 +181,22 @@ def prepare(data: DataArgs, seed: int) -> Prepared:
         dropped += vdropped
         val_rows = sample(val_rows, data.max_validation_samples, seed)
         test_fraction = data.test_fraction if data.test_fraction > 0 else 0.0
-        if test_fraction > 0:
+        if test_rows is not None:
+            splits = {"train": other, "validation": val_rows, "test": test_rows}
+        elif test_fraction > 0:
             parts = split_rows(rows, test_fraction, 0.0, seed, stratify=not is_mc)
             splits = {"train": parts["train"], "validation": val_rows, "test": parts["validation"]}
         else:
             splits = {"train": rows, "validation": val_rows, "test": []}
+    elif test_rows is not None:  # validation: a stratified share of the in-distribution rows (of all rows)
+        val_of_other = data.val_fraction * len(rows) / len(other)
+        if val_of_other >= 0.9:
+            raise UserError(f"--split-by {data.split_by}: the held-out groups take {len(test_rows)} of {len(rows)} "
+                            f"rows, which leaves too few for a {data.val_fraction:.0%} validation split",
+                            "Lower --test-fraction or --val-fraction.")
+        splits = {**split_rows(other, val_of_other, 0.0, seed, stratify=not is_mc), "test": test_rows}
+        if data.max_validation_samples:
+            splits["validation"] = sample(splits["validation"], data.max_validation_samples, seed)
     else:
         splits = split_rows(rows, data.val_fraction, data.test_fraction, seed, stratify=not is_mc)
         if data.max_validation_samples:
@@ -176,6 +204,8 @@ def prepare(data: DataArgs, seed: int) -> Prepared:
 
     if data.max_train_samples_per_category and not is_mc:
         splits["train"] = sample_per_label(splits["train"], data.max_train_samples_per_category, seed)
+    if data.augment:  # after splitting: a row and its noisy copy are always on the same side
+        splits["train"] = augment_rows(splits["train"], data.augment, seed)
     for name in ("train", "validation"):
         p.check(len(splits[name]) > 0, f"the {name} split is empty ({len(rows)} rows in all)")
     p.raise_if_any("Use more rows (raise --max-samples-per-category) or change the split fractions.")
@@ -195,7 +225,7 @@ def prepare(data: DataArgs, seed: int) -> Prepared:
         if data.prompt_style != "chat":
             task.extra["prompt_style"] = data.prompt_style
     _check_template(task)
-    return Prepared(task=task, splits=splits, dropped=dropped, duplicates=duplicates)
+    return Prepared(task=task, splits=splits, dropped=dropped, duplicates=duplicates, groups=groups)
 
 
 def _warn_repeated_choices(rows: list[dict]) -> None:

@@ -1,11 +1,14 @@
-"""Seeded per-label sampling and stratified train/validation/test splits."""
+"""Seeded per-label sampling, stratified train/validation/test splits, and held-out groups."""
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter, defaultdict
 
 from qwen_ft.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def sample_per_label(rows: list[dict], max_per_label: int | None, seed: int) -> list[dict]:
@@ -98,3 +101,63 @@ def _split_per_label(idx: list[int], labels: list, n_take: int, seed: int) -> tu
     chosen = eligible[:n_take]  # n_take < n_classes; every label has >= 2 rows left here when stratified
     taken = {rng.choice(by_label[lab]) for lab in sorted(chosen, key=str)}
     return [i for i in idx if i not in taken], sorted(taken)
+
+
+def split_by_group(rows: list[dict], test_fraction: float, seed: int, column: str,
+                   stratify: bool = True) -> tuple[list[dict], list[dict], list[str]]:
+    """(other rows, test rows, held-out groups): whole groups (each row's "group", the --split-by `column`)
+    held out as the test split, about `test_fraction` of the rows, drawn with `seed`.
+
+    Groups are visited in a seeded order; one is taken when it brings the test split closer to its share. A group
+    is passed over (the draw goes on with the next) when taking it would leave a label fewer than 3 rows outside
+    the test split (stratified: train and validation need one each, the stratified split 3), so every label keeps
+    training rows; only when no group at all can be held out is it an error, naming those labels."""
+    if test_fraction <= 0:
+        raise UserError(f"--split-by {column} holds whole groups out as the test split, but --test-fraction is "
+                        f"{test_fraction}", "Pass --test-fraction > 0 (e.g. 0.2) with --split-by.")
+    sizes = Counter(r["group"] for r in rows)
+    if len(sizes) < 2:
+        raise UserError(f"--split-by {column}: the data has {len(sizes)} group(s) ({', '.join(map(repr, sizes))}); "
+                        "holding whole groups out needs at least 2", "Pick a column with several values.")
+    labels_of: dict[str, Counter] = defaultdict(Counter)
+    for r in rows:
+        labels_of[r["group"]][r["label"]] += 1
+    left = Counter(r["label"] for r in rows)  # rows of each label outside the test split
+    floor = {lab: min(3, n) for lab, n in left.items()}
+    order = sorted(sizes, key=str)
+    random.Random(seed).shuffle(order)
+    target, taken, held, blocking = test_fraction * len(rows), 0, [], set()
+
+    def blocked(g) -> set:
+        """The labels that would keep fewer than their floor of rows outside the test split if `g` went."""
+        return {lab for lab, n in labels_of[g].items() if stratify and left[lab] - n < floor[lab]}
+
+    def take(g) -> None:
+        nonlocal taken
+        held.append(g)
+        taken += sizes[g]
+        left.subtract(labels_of[g])
+
+    for g in order:
+        if len(held) == len(sizes) - 1:  # one group at least stays for training
+            break
+        if abs(taken + sizes[g] - target) >= abs(taken - target):
+            continue
+        if labels := blocked(g):
+            blocking |= labels
+            continue
+        take(g)
+    if not held:  # every group is over twice the share: the smallest one that can go
+        fits = [g for g in sorted(order, key=lambda g: sizes[g]) if not blocked(g)]
+        if not fits:
+            raise UserError(f"--split-by {column}: no group can be held out without leaving a label fewer than 3 "
+                            f"rows for training and validation (labels: {', '.join(sorted(map(str, blocking)))})",
+                            "Add rows for these labels, drop them, or split by another column.")
+        take(fits[0])
+    if not 0.5 * target <= taken <= 1.5 * target:
+        log.warning("--split-by %s: the %d held-out group(s) hold %.1f%% of the rows (--test-fraction %.1f%%); whole "
+                    "groups rarely add up to the share exactly", column, len(held), 100 * taken / len(rows),
+                    100 * test_fraction)
+    held_set = set(held)
+    return ([r for r in rows if r["group"] not in held_set], [r for r in rows if r["group"] in held_set],
+            sorted(held, key=str))

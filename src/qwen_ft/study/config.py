@@ -288,6 +288,9 @@ def validate(cfg: StudyConfig, where: str) -> None:
             f"{where}: eval.normalize {cfg.eval.normalize} needs eval.decode exact")
     p.check(cfg.merge.verify_samples > 0, f"{where}: merge.verify_samples must be > 0")
     p.attempt(cfg.base.validate)
+    p.check(cfg.base.model.head == "generative", f"{where}: model.head {cfg.base.model.head}: a study trains and "
+            "compares generative runs only (its decoding, baselines and merged models score written labels); train "
+            "a classification-head baseline with `qwen-ft train --head classification`")
     for name, entry in cfg.optimizers.items():
         kwargs = entry.optim(cfg.base.optim, {k: r.low for k, r in entry.search.items()}).kwargs
         try:

@@ -36,7 +36,8 @@ from qwen_ft.tasks import Task
 
 log = logging.getLogger(__name__)
 
-COPIED = ("label_mapping.json", "config.yaml", "run.json")
+# calibration.json: the merged model's logits equal base+adapter's, so the run's temperature holds for it
+COPIED = ("label_mapping.json", "config.yaml", "run.json", "calibration.json")
 
 
 class MergeMismatch(UserError):
@@ -49,6 +50,8 @@ def _logits(model, batch: dict) -> torch.Tensor:
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    if a.dim() == 2:  # a classification head's logits: one row per prompt, pooled on its last token
+        return float((a - b).abs().max())
     keep = mask.bool()  # padded positions carry no meaning
     return float((a - b).abs()[keep].max())
 
@@ -97,11 +100,15 @@ def _merge(run: RunDir, cfg: TrainConfig, base: str, tmp: Path, out: Path, dtype
     rows = (run.split("validation") or run.split("train"))[:verify_samples]
     if not rows:
         raise UserError(f"run folder {run.path} has no rows to verify the merge on")
-    ids, mask = left_pad([encoder.train_example(r)["input_ids"] for r in rows], encoder.tok.pad_token_id,
-                         dist.device())
+    # a classification-head run (--head classification) is merged with its head: the saved folder is a
+    # sequence-classification model, checked on the prompts it classifies
+    pad = encoder.tok.pad_token_id
+    head = {"labels": encoder.task.labels, "pad_token_id": pad} if cfg.model.head == "classification" else {}
+    seqs = [encoder.head_example(r, pad) if head else encoder.train_example(r) for r in rows]
+    ids, mask = left_pad([s["input_ids"] for s in seqs], pad, dist.device())
     batch = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
 
-    model = load_model(base, torch.float32, dist.device(), cfg.model.attn_implementation, trust_remote_code)
+    model = load_model(base, torch.float32, dist.device(), cfg.model.attn_implementation, trust_remote_code, **head)
     model = load_adapter(model, run.path, merge=False).eval()
     reference = _logits(model, batch)
     merged = model.merge_and_unload().eval()
@@ -126,7 +133,7 @@ def _merge(run: RunDir, cfg: TrainConfig, base: str, tmp: Path, out: Path, dtype
     del merged, model
     if save_dtype == torch.float32:
         reloaded = load_model(str(tmp), torch.float32, dist.device(), cfg.model.attn_implementation,
-                              trust_remote_code).eval()
+                              trust_remote_code, **head).eval()
         saved_diff = _max_diff(_logits(reloaded, batch), reference, mask)
         del reloaded
         report["saved_vs_adapter_max_abs_diff"] = saved_diff

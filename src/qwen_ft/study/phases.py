@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwen_ft import distributed as dist
+from qwen_ft.config import without_later_data_fields
 from qwen_ft.errors import UserError
 from qwen_ft.runs import read_jsonl, write_json, write_jsonl
 from qwen_ft.study import markers
@@ -86,12 +87,14 @@ class Study:
     # ------------------------------------------------------------------ config hashes
     def data_hash(self) -> str:
         c = self.cfg
-        return markers.digest("data", dataclasses.asdict(c.base.data), c.seed, c.base.model.model,
-                              c.protocol.tune_rows)
+        return markers.digest("data", without_later_data_fields(dataclasses.asdict(c.base.data)), c.seed,
+                              c.base.model.model, c.protocol.tune_rows)
 
     def _run_hash(self, kind: str, opt: str, params: dict, seed: int, budget: int | None) -> str:
         base = dataclasses.asdict(self.cfg.base)
         base["train"].pop("output_dir", None)
+        base["data"] = without_later_data_fields(base["data"])
+        base["model"].pop("head", None)  # always generative in a study: hashes as before the field existed
         p = self.cfg.protocol
         return markers.digest(kind, self.data_hash(), base, self.cfg.optimizers[opt].spec(), params, seed, budget,
                               p.eval_steps, p.curve_every, p.curve_rows, dataclasses.asdict(self.cfg.eval))
@@ -198,9 +201,14 @@ def data_phase(study: Study) -> dict:
         from qwen_ft.data.prepare import prepare
 
         _fetch_model(cfg.base.model.model)
-        prepared = prepare(cfg.base.data, cfg.seed)
+        augment = cfg.base.data.augment  # after carving: a row and its noisy copy on the same side
+        prepared = prepare(dataclasses.replace(cfg.base.data, augment=None), cfg.seed)
         train, tune = carve_tune(prepared.splits["train"], cfg.protocol.tune_rows, cfg.seed,
                                  stratify=prepared.task.name == "category")
+        if augment:
+            from qwen_ft.data.perturb import augment_rows
+
+            train = augment_rows(train, augment, cfg.seed)
         splits = {"train": train, "tune": tune, "validation": prepared.splits["validation"],
                   "test": prepared.splits["test"]}
         markers.clear(folder)
@@ -243,6 +251,7 @@ def run_config(study: Study, entry: OptimizerEntry, params: dict, seed: int, max
     d.task, d.hub_split, d.text_column, d.label_column = study.summary()["task"], None, None, None
     d.max_samples = d.max_samples_per_category = d.max_validation_samples = d.max_train_samples_per_category = None
     d.test_fraction = 0.0
+    d.split_by = d.augment = None  # applied once, in the data phase, to the cached splits
     cfg.optim = entry.optim(cfg.optim, params)
     cfg.train.seed = seed
     cfg.train.output_dir = str(out)

@@ -21,6 +21,13 @@ def clean_text(value: Any) -> str | None:
     return value or None
 
 
+def group_value(record: dict, column: str | None) -> dict:
+    """{"group": the row's --split-by value} (text; a missing value is the group '(none)'), or {} without one."""
+    if column is None:
+        return {}
+    return {"group": clean_text(record.get(column)) or "(none)"}
+
+
 @dataclass
 class Task:
     """Rows + labels + prompt. Subclasses define how records are read and questions are written."""

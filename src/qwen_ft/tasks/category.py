@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from qwen_ft.errors import Problems
-from qwen_ft.tasks.base import Task, clean_text
+from qwen_ft.tasks.base import Task, clean_text, group_value
 
 TEXT_COLUMNS = ("question", "text", "input", "prompt", "sentence", "content")
 LABEL_COLUMNS = ("category", "label", "labels", "class", "target")
@@ -35,8 +35,9 @@ class CategoryTask(Task):
 
     @staticmethod
     def normalize(records: list[dict], text_column: str | None = None, label_column: str | None = None,
-                  id_prefix: str = "row") -> tuple[list[dict], int]:
-        """Records -> rows {id, question, label}; returns (rows, dropped rows without text or label)."""
+                  id_prefix: str = "row", group_column: str | None = None) -> tuple[list[dict], int]:
+        """Records -> rows {id, question, label} (+ group: the `group_column` value); returns (rows, dropped rows
+        without text or label)."""
         columns = list(records[0].keys()) if records else []
         p = Problems()
         text_col = pick_column(columns, text_column, TEXT_COLUMNS, "text", p)
@@ -49,7 +50,7 @@ class CategoryTask(Task):
                 dropped += 1
                 continue
             rid = clean_text(rec.get("id")) or clean_text(rec.get("question_id")) or f"{id_prefix}-{i}"
-            rows.append({"id": rid, "question": text, "label": label})
+            rows.append({"id": rid, "question": text, "label": label, **group_value(rec, group_column)})
         return rows, dropped
 
     @classmethod

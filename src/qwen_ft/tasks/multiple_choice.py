@@ -17,7 +17,7 @@ from collections import Counter
 from typing import Any, ClassVar
 
 from qwen_ft.errors import Problems
-from qwen_ft.tasks.base import Task, clean_text
+from qwen_ft.tasks.base import Task, clean_text, group_value
 
 LETTERS = string.ascii_uppercase
 
@@ -88,8 +88,10 @@ class MultipleChoiceTask(Task):
         return bool({"choices", "cands", "options"} & set(columns))
 
     @staticmethod
-    def normalize(records: list[dict], id_prefix: str = "row", **_: Any) -> tuple[list[dict], int]:
-        """Records -> rows {id, question, choices, label}; every malformed row is reported at once."""
+    def normalize(records: list[dict], id_prefix: str = "row", group_column: str | None = None,
+                  **_: Any) -> tuple[list[dict], int]:
+        """Records -> rows {id, question, choices, label} (+ group: the `group_column` value); every malformed
+        row is reported at once."""
         p = Problems()
         rows = []
         for i, rec in enumerate(records):
@@ -103,7 +105,8 @@ class MultipleChoiceTask(Task):
                     p.add("... (more rows with problems)")
                 continue
             rid = clean_text(rec.get("id")) or f"{id_prefix}-{i}"
-            rows.append({"id": rid, "question": question, "choices": texts, "label": letter})
+            rows.append({"id": rid, "question": question, "choices": texts, "label": letter,
+                         **group_value(rec, group_column)})
         if rows and not p.items:
             counts = Counter(len(r["choices"]) for r in rows)
             if len(counts) > 1:
