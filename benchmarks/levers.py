@@ -6,7 +6,9 @@
 Training: tokens/s of LoRA training steps on the same length-grouped batches for
 fp32 / bf16 autocast over fp32 weights / bf16 weights (LoRA fp32), LoRA dropout 0 vs 0.05, and
 logits for the answer positions only vs every position. Validation: samples/s of exact scoring vs the
-fast trie decode, with and without the shared-prefix KV cache, bf16 vs fp32 weights, batch sizes.
+fast trie decode, with and without the shared-prefix KV cache, bf16 vs fp32 weights, batch sizes; all through
+the inference engine (`engine.Classifier`), except the decode without the shared prefix, which the engine
+always shares: that one runs scoring.py's stateless kernels over the whole prompts, on the engine's batch plan.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from peft.helpers import disable_input_dtype_casting
 from qwen_ft.config import DataArgs, LoraArgs
 from qwen_ft.data.prepare import prepare
 from qwen_ft.encoding import PromptEncoder
+from qwen_ft.engine import Classifier
 from qwen_ft.models import apply_lora, load_model, load_tokenizer, resolve_model
-from qwen_ft.scoring import LabelScorer
+from qwen_ft.scoring import Counts, greedy_trie, suffix_pass
 from qwen_ft.training import LeftPadCollator, answer_loss
 
 
@@ -99,27 +102,48 @@ def bench_training(path, encoder, rows, steps: int, batch_size: int, only: str |
     return {v.name: round(sum(v.tokens) / sum(v.times), 1) for v in variants}
 
 
+def decode_unshared(engine: Classifier, rows: list[dict], batch_size: int) -> list[str]:
+    """The constrained decode's predictions with no shared-prefix KV cache: every row runs its whole prompt
+    (scoring.py's kernels, prefix length 0, over the engine's batch plan for that length)."""
+    prompts = [engine.encoder.prompt_ids(r) for r in rows]
+    counts = Counts()
+    preds: list[str] = [""] * len(rows)
+    for idx in engine.plan(prompts, 0, batch_size):
+        opts = [engine.encoder.answer_options(rows[i]) for i in idx]
+        logits, kv, mask, lengths = suffix_pass(engine.model, [prompts[i] for i in idx], 0, None, engine.pad_id,
+                                                engine.device, counts)
+        chosen = greedy_trie(engine.model, logits, [seqs for _, seqs in opts], kv, mask, lengths, engine.device,
+                             counts)
+        for k, i in enumerate(idx):
+            preds[i] = opts[k][0][chosen[k]]
+    return preds
+
+
 def bench_eval(path, encoder, rows, rounds: int) -> dict:
     models = {"bf16": load_model(path, torch.bfloat16).eval(), "fp32": load_model(path, torch.float32).eval()}
+    # one engine per weight dtype, built (instruction KV cache included) before any timing
+    engines = {dtype: Classifier(m, encoder, dtype, {"model_path": str(path)}) for dtype, m in models.items()}
     cases = [
-        ("exact score, bf16, batch 16", "bf16", "score", 16, True),
-        ("trie decode, bf16, batch 16, no shared prefix", "bf16", "decode", 16, False),
-        ("trie decode, fp32, batch 32, shared prefix", "fp32", "decode", 32, True),
-        ("trie decode, bf16, batch 8, shared prefix", "bf16", "decode", 8, True),
-        ("trie decode, bf16, batch 16, shared prefix", "bf16", "decode", 16, True),
-        ("trie decode, bf16, batch 32, shared prefix", "bf16", "decode", 32, True),
-        ("trie decode, bf16, batch 64, shared prefix", "bf16", "decode", 64, True),
+        ("exact score, bf16, batch 16", "bf16", "exact", 16, True),
+        ("trie decode, bf16, batch 16, no shared prefix", "bf16", "constrained", 16, False),
+        ("trie decode, fp32, batch 32, shared prefix", "fp32", "constrained", 32, True),
+        ("trie decode, bf16, batch 8, shared prefix", "bf16", "constrained", 8, True),
+        ("trie decode, bf16, batch 16, shared prefix", "bf16", "constrained", 16, True),
+        ("trie decode, bf16, batch 32, shared prefix", "bf16", "constrained", 32, True),
+        ("trie decode, bf16, batch 64, shared prefix", "bf16", "constrained", 64, True),
     ]
     out: dict[str, list[float]] = {c[0]: [] for c in cases}
     preds = {}
     for _ in range(rounds):
-        for name, dtype, method, bs, share in cases:
-            scorer = LabelScorer(models[dtype], encoder)
-            scorer.share_prefix = share
+        for name, dtype, decode, bs, share in cases:
+            engine = engines[dtype]
             t0 = time.perf_counter()
-            res = getattr(scorer, method)(rows, bs)
+            if share:
+                res = [r["pred"] for r in engine.classify(rows, decode=decode, batch_size=bs)[0]]
+            else:
+                res = decode_unshared(engine, rows, bs)
             out[name].append(len(rows) / (time.perf_counter() - t0))
-            preds[name] = [r["pred"] for r in res]
+            preds[name] = res
     result = {k: round(statistics.median(v), 2) for k, v in out.items()}
     base = preds["trie decode, bf16, batch 32, shared prefix"]
     result["agreement with 'exact score' (untrained model)"] = round(

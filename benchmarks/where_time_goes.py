@@ -31,9 +31,9 @@ from vs_reference import matmul_peak  # noqa: E402
 from qwen_ft.config import DataArgs  # noqa: E402
 from qwen_ft.data.prepare import prepare  # noqa: E402
 from qwen_ft.encoding import PromptEncoder  # noqa: E402
+from qwen_ft.engine import Classifier  # noqa: E402
 from qwen_ft.models import load_model, load_tokenizer, resolve_model  # noqa: E402
 from qwen_ft.precision import inference_dtype, resolve_precision  # noqa: E402
-from qwen_ft.scoring import LabelScorer  # noqa: E402
 
 GROUPS = {
     "matmul (mm/addmm/bmm/linear)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
@@ -72,12 +72,13 @@ def main() -> None:
         model = load_model(path, inference_dtype(precision)).eval()
         config = model.config
         rows = prepared.splits["validation"][: a.eval_rows]
-        LabelScorer(model, encoder).decode(rows[: a.eval_batch_size], a.eval_batch_size)  # warm-up
-        scorer = LabelScorer(model, encoder)
+        # built (instruction KV cache included) and warmed up outside the profile
+        engine = Classifier(model, encoder, precision, {"model_path": str(path)})
+        engine.classify(rows[: a.eval_batch_size], decode="constrained", batch_size=a.eval_batch_size)  # warm-up
         t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
-            scorer.decode(rows, a.eval_batch_size)
-        seconds, tokens, what = time.perf_counter() - t0, scorer.n_computed_tokens, {"eval_rows": len(rows)}
+            _, stats = engine.classify(rows, decode="constrained", batch_size=a.eval_batch_size)
+        seconds, tokens, what = time.perf_counter() - t0, stats["computed_tokens"], {"eval_rows": len(rows)}
     else:
         variant = TrainVariant("defaults", path, torch.float32, precision == "bf16", 0.0)
         config = variant.model.config

@@ -232,3 +232,31 @@ def test_run_folder_label_mapping_reads_as_semantic_router_reads_it(tiny_run):
     prompt = mapping["instruction_template"].replace("{question}", "What is a tort?")
     assert prompt == f"{task.system_message()}\n\nWhat is a tort?" and "{" not in prompt
     assert task.extra == {} and Task.from_mapping(task.to_mapping()).to_mapping() == task.to_mapping()
+
+
+def test_near_ties_are_decided_alone_so_labels_do_not_depend_on_the_batch(tiny_model, qwen_tok):
+    """bf16 scores move with the batch (shape, padding); a row whose two best answers are within the engine's
+    tie margin is scored again alone, so its label is the one it gets alone, in any batch."""
+    enc = encoders(qwen_tok)["unique first tokens"]
+    clf = Classifier(copy.deepcopy(tiny_model).to(torch.bfloat16), enc, precision="bf16")
+    assert clf.tie_margin > 0
+    rows = [{"question": q + suffix} for q in QUESTIONS for suffix in ("", " Explain briefly.")]
+    alone = [clf.classify([r])[0][0] for r in rows]
+    clf.tie_margin = 0.0
+    raw, _ = clf.classify(rows, batch_size=5)  # the batched scores, nothing rescored
+    from qwen_ft.engine import _margin
+
+    close = [i for i, r in enumerate(raw) if _margin(r) < 0.5]
+    assert close  # a tiny random model has small margins: some rows must be rescored
+    clf.tie_margin = 0.5
+    for batch_size, order in ((5, rows), (16, rows[::-1]), (3, rows[1::2] + rows[::2])):
+        got, stats = clf.classify(order, batch_size=batch_size)
+        expected = [alone[rows.index(r)] for r in order]
+        for g, a in zip(got, expected):
+            if _margin(a) < 0.25:  # well inside the margin: decided alone, exactly the alone result
+                assert g["pred"] == a["pred"] and g["probability"] == a["probability"]
+        assert stats["rescored_alone"] >= 1
+    got, stats = clf.classify(rows, batch_size=5)
+    assert stats["rescored_alone"] == len(close)
+    for i in close:
+        assert got[i] == alone[i]

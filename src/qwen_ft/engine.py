@@ -56,6 +56,7 @@ from qwen_ft.scoring import (
 log = logging.getLogger(__name__)
 
 DECODES = ("auto", "constrained", "exact", "free", "head")
+TIE_MARGIN = {"bf16": 0.5, "fp16": 0.5}  # fp32: batch-invariant to < 1e-6 (measured), off
 NORMALIZE = ("auto", "none", "token", "char")
 
 
@@ -74,6 +75,10 @@ class Classifier:
         # padded prompt tokens per batch (rows x longest row): sorted MMLU-Pro prompts (66-508 tokens) in
         # batches of 32 computed 2.9x the useful tokens; capped at 2048 on CPU, validation ran 2.5x faster
         self.max_batch_tokens = 2048 if self.device.type == "cpu" else 16384
+        # rows whose two best answers are closer than this (raw score units: logits or log-probabilities)
+        # are scored again alone: see _rescore_close_calls. bf16/fp16 scores of one row moved by up to
+        # 0.26 between batch compositions (SmolLM2-135M, Xeon AMX); fp32 probabilities agreed to 1e-6
+        self.tie_margin = TIE_MARGIN.get(precision, 0.0)
         # a classification head (`--head classification`) answers from one pass over the whole prompt
         from qwen_ft.models import is_head_model
 
@@ -146,6 +151,8 @@ class Classifier:
         encoder = PromptEncoder(tokenizer, Task.from_mapping(mapping), cfg.model.max_length)
         info = {"model_path": str(folder), "kind": "merged" if merged else "run", "base_model": model_path,
                 "adapter": adapter, "precision": prec}
+        if dtype in (torch.bfloat16, torch.float16) and not head:
+            fp32_logits(model)
         calibration = RunDir(folder).calibration() if adapter else None  # fitted for the adapter's scores
         if calibration:
             log.info("calibration.json: temperature %.4g for --decode %s --normalize %s",
@@ -259,7 +266,9 @@ class Classifier:
                 batch = self._batch(decode, normalize, top_k, [rows[i] for i in idx], [prompts[i] for i in idx],
                                     prefix, cache, counts)
                 results += zip(idx, batch)
+            rescored = self._rescore_close_calls(results, rows, decode, normalize, top_k, counts)
         stats = self._stats(len(rows), timer.seconds, counts, decode, normalize, truncated)
+        stats["rescored_alone"] = rescored
         if distributed and dist.world_size() > 1:
             parts = dist.gather_objects({"results": results, "stats": stats, "memory": dist.peak_memory()})
             results = [pair for p in parts for pair in p["results"]]
@@ -268,6 +277,7 @@ class Classifier:
             stats = self._stats(len(rows), max(p["stats"]["seconds"] for p in parts), counts, decode, normalize,
                                 truncated)
             stats["memory_per_rank"] = [p["memory"] for p in parts]
+            stats["rescored_alone"] = sum(p["stats"]["rescored_alone"] for p in parts)
         else:
             stats["memory_per_rank"] = [dist.peak_memory()]
         stats["world_size"] = dist.world_size() if distributed else 1
@@ -323,6 +333,32 @@ class Classifier:
                 pred["output"] = res["output"]
             predictions.append(pred)
         return report, predictions
+
+    # ------------------------------------------------------------------ batch-invariant decisions
+    def _rescore_close_calls(self, results: list[tuple[int, dict]], rows: list[dict], decode: str, normalize: str,
+                             top_k: int, counts: Counts) -> int:
+        """Rows whose top two answers are closer than `tie_margin` are scored again alone, so that every
+        label is a function of its row, never of the batch it happened to share.
+
+        In bf16 a row's scores depend on its neighbours (padding length, batch shape: the kernels' rounding
+        differs); a server batches whatever arrives together, `predict` sorts by length, so a near-tie could
+        go either way in one and the other. A row alone is always computed the same way, and a row whose
+        margin exceeds the batch noise gets the same label in any batch. Hand-written: no maintained CPU
+        kernel library offers batch-invariant bf16 matmul/attention. Returns the number of rows rescored.
+        """
+        margin_floor = self.tie_margin
+        if not margin_floor or len(rows) < 2 or decode == "free":
+            return 0
+        n = 0
+        for j, (i, res) in enumerate(results):
+            if _margin(res) < margin_floor:
+                alone, st = self.classify([rows[i]], decode=decode, normalize=normalize, top_k=top_k, batch_size=1,
+                                          calibrated=False)
+                counts.prompt_tokens += st["prompt_tokens"]
+                counts.computed_tokens += st["computed_tokens"]
+                results[j] = (i, alone[0])
+                n += 1
+        return n
 
     # ------------------------------------------------------------------ internals
     def _check_args(self, decode: str, normalize: str, top_k: int, batch_size: int) -> None:
@@ -441,6 +477,40 @@ class Classifier:
                 "samples_per_s": round(n / seconds, 3) if seconds > 0 else None,
                 "prompt_tokens": counts.prompt_tokens, "computed_tokens": counts.computed_tokens,
                 "decode": decode, "normalize": normalize, "truncated_prompts": truncated}
+
+
+class _Fp32Head(torch.nn.Module):
+    """The output projection in fp32 over bf16/fp16 hidden states. In bf16 the logits themselves are
+    rounded to 8 significant bits (steps of 0.125-0.25 at the magnitudes labels score), so two answers
+    could tie by rounding alone; the projection runs on the few positions scored, so fp32 costs little."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().float(), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().float(), persistent=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden.float(), self.weight, self.bias)
+
+
+def fp32_logits(model) -> None:
+    """Swap a loaded (inference-only) model's output projection for an fp32 one."""
+    head = model.get_output_embeddings()
+    if isinstance(head, torch.nn.Linear):
+        model.set_output_embeddings(_Fp32Head(head.weight, head.bias))
+
+
+def _margin(res: dict) -> float:
+    """Raw score of the best answer minus the runner-up's, over distinct scores (answers that share a first
+    token share one score under constrained decoding); infinite when one answer stands alone."""
+    scores = res.get("scores")
+    if not scores:
+        return float("inf")
+    best: dict = {}
+    for group, value in zip(scores["groups"], scores["values"]):
+        best[group] = max(value, best.get(group, float("-inf")))
+    top = sorted(best.values(), reverse=True)
+    return top[0] - top[1] if len(top) > 1 else float("inf")
 
 
 def _ranked(labels: list[str], probs: list[float], top_k: int, first: int | None = None) -> dict:

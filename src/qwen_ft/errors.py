@@ -30,6 +30,11 @@ class TrainingDiverged(UserError):
     """Loss or gradient became NaN/inf during training."""
 
 
+class ConfigDiffersError(UserError):
+    """--resume of an unfinished run whose saved config differs from this one (with any other problems found
+    alongside); a study starts such a run over."""
+
+
 class Problems:
     """Collects problems so that validation can report all of them at once."""
 
@@ -59,10 +64,11 @@ class Problems:
                 self.add(problem, e.hint if i == len(e.problems) - 1 else None)
             return None
 
-    def raise_if_any(self, hint: str | None = None) -> None:
+    def raise_if_any(self, hint: str | None = None, error: type[UserError] = UserError) -> None:
+        """Raise every problem collected as one `error` (a UserError subclass names what callers catch)."""
         if self.items:
             hints = self.hints + ([hint] if hint and hint not in self.hints else [])
-            raise UserError(self.items, "\n".join(hints) or None)
+            raise error(self.items, "\n".join(hints) or None)
 
 
 OS_HINTS = {

@@ -190,36 +190,3 @@ class Timer:
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
 
-
-class LabelScorer:
-    """Transitional: the former counting interface, over `engine.Classifier`, for `study/evaluate.py` and
-    `benchmarks/` until they call the engine directly (their owners are moving them). Not for new code:
-    its counters make one instance unsafe to share between concurrent callers."""
-
-    def __init__(self, model, encoder, device=None):
-        from qwen_ft.engine import Classifier
-
-        self.engine = Classifier(model, encoder)
-        self.max_batch_tokens = self.engine.max_batch_tokens
-        self.share_prefix = True  # kept for old callers; the engine always shares the instruction
-        self.n_prompt_tokens = 0
-        self.n_computed_tokens = 0
-
-    def _classify(self, rows, decode, batch_size):
-        results, stats = self.engine.classify(rows, decode=decode, batch_size=batch_size,
-                                              top_k=len(self.engine.labels))
-        self.n_prompt_tokens += stats["prompt_tokens"]
-        self.n_computed_tokens += stats["computed_tokens"]
-        return results
-
-    def decode(self, rows: list[dict], batch_size: int = 32) -> list[dict]:
-        return [{"pred": r["pred"], "confidence": r["probability"], "valid": True}
-                for r in self._classify(rows, "constrained", batch_size)]
-
-    def score(self, rows: list[dict], batch_size: int = 16) -> list[dict]:
-        return [{"pred": r["pred"], "probs": dict(map(tuple, r["top"])), "valid": True}
-                for r in self._classify(rows, "exact", batch_size)]
-
-    def generate(self, rows: list[dict], batch_size: int = 16) -> list[dict]:
-        return [{"pred": r["pred"], "output": r["output"], "valid": r["valid"]}
-                for r in self._classify(rows, "free", batch_size)]

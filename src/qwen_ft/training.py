@@ -40,7 +40,7 @@ from qwen_ft.config import TrainConfig, config_hash, preset_for, resolve, save_y
 from qwen_ft.data.prepare import Prepared, prepare
 from qwen_ft.data.sources import is_hub
 from qwen_ft.encoding import IGNORE, PromptEncoder
-from qwen_ft.errors import Problems, UserError
+from qwen_ft.errors import ConfigDiffersError, Problems, UserError
 from qwen_ft.models import (
     apply_lora,
     base_shape,
@@ -266,12 +266,14 @@ def check_inputs(cfg: TrainConfig | dict, resume: bool, overwrite: bool, prepare
     reads = {"--data": cfg.data.data, "--validation-data": cfg.data.validation_data,
              "--model": r.model_path if r else cfg.model.model, **(inputs or {})}
     plan = p.attempt(plan_output, out, resume=resume, overwrite=overwrite, inputs=reads)
+    differs = False
     if plan is not None and plan.mode == "resume" and r is not None:
         h = plan.work / "config.hash"
         saved = h.read_text().strip() if h.is_file() else None
-        p.check(saved == config_hash(r.config), f"--resume: the config differs from the unfinished run in {out}; "
+        differs = saved != config_hash(r.config)
+        p.check(not differs, f"--resume: the config differs from the unfinished run in {out}; "
                 f"use the same flags as before (see {plan.work / 'config.yaml'}), or --overwrite")
-    p.raise_if_any()
+    p.raise_if_any(error=ConfigDiffersError if differs else UserError)
     return r, prepared, plan
 
 

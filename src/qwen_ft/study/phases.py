@@ -40,7 +40,7 @@ from pathlib import Path
 
 from qwen_ft import distributed as dist
 from qwen_ft.config import without_later_data_fields
-from qwen_ft.errors import UserError
+from qwen_ft.errors import ConfigDiffersError, UserError
 from qwen_ft.runs import read_jsonl, write_json, write_jsonl
 from qwen_ft.study import markers
 from qwen_ft.study.config import PHASES, OptimizerEntry, StudyConfig
@@ -271,17 +271,17 @@ def train_and_score(study: Study, opt: str, params: dict, seed: int, max_steps: 
     entry = study.cfg.optimizers[opt]
     cfg = run_config(study, entry, params, seed, max_steps, out)
     resume = (out / "run.json").is_file() and not RunDir(out).complete and any(out.glob("checkpoints/checkpoint-*"))
-    callbacks = (CurveCallback(study, curve_rows(study)),) if curve else ()
+    callbacks = (curve_callback(study, curve_rows(study)),) if curve else ()
     t0 = time.time()
     try:
         result = train(cfg, resume=resume, overwrite=not resume, base_model=study.base_model(),
                        prepared=study.prepared(), callbacks=callbacks, encode_cache=study._cache.setdefault("enc", {}))
-    except UserError as e:
-        if resume and "config differs" in e.message:  # an older config's run: start it over
-            result = train(cfg, overwrite=True, base_model=study.base_model(), prepared=study.prepared(),
-                           callbacks=callbacks, encode_cache=study._cache["enc"])
-        else:
+    except ConfigDiffersError:
+        if not resume:
             raise
+        # an older config's run: start it over
+        result = train(cfg, overwrite=True, base_model=study.base_model(), prepared=study.prepared(),
+                       callbacks=callbacks, encode_cache=study._cache["enc"])
     trained = time.time() - t0
     report, predictions = score_model(study, result.model, rows)
     info = {
@@ -332,45 +332,44 @@ def _curve_every(study: Study) -> int | None:
     return p.curve_every or p.eval_steps
 
 
-class CurveCallback:
-    """Accuracy on a fixed validation sample every `curve_every` optimizer steps (and at the last step),
-    written to metrics.jsonl as {"type": "curve", "step", "seconds" (optimizer-step time so far), ...}:
-    the data of time-to-target. A schedule-free optimizer is switched to its evaluation weights for it."""
+def curve_callback(study: Study, rows: list[dict]):
+    """A TrainerCallback: accuracy on a fixed validation sample every `curve_every` optimizer steps (and at the
+    last step), written to metrics.jsonl as {"type": "curve", "step", "seconds" (optimizer-step time so far),
+    ...}: the data of time-to-target. A schedule-free optimizer is switched to its evaluation weights for it.
+    Defined here so that importing this module does not import transformers."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, *args, **kwargs):  # a TrainerCallback subclass, built lazily (transformers imports)
-        from transformers import TrainerCallback
+    class CurveCallback(TrainerCallback):
+        def __init__(self, study: Study, rows: list[dict]):
+            self.study, self.rows, self.every = study, rows, _curve_every(study)
+            self.seconds, self._t0 = 0.0, None
 
-        class _Curve(TrainerCallback):
-            def __init__(self, study: Study, rows: list[dict]):
-                self.study, self.rows, self.every = study, rows, _curve_every(study)
-                self.seconds, self._t0 = 0.0, None
+        def on_train_begin(self, args, state, control, **kw):
+            if state.global_step:  # resumed: the step clock continues from the last curve point
+                from qwen_ft.runs import read_jsonl_tolerant
 
-            def on_train_begin(self, args, state, control, **kw):
-                if state.global_step:  # resumed: the step clock continues from the last curve point
-                    from qwen_ft.runs import read_jsonl_tolerant
+                done = [r for r in read_jsonl_tolerant(Path(args.output_dir).parent / "metrics.jsonl")
+                        if r.get("type") == "curve" and r["step"] <= state.global_step]
+                self.seconds = done[-1]["seconds"] if done else 0.0
 
-                    done = [r for r in read_jsonl_tolerant(Path(args.output_dir).parent / "metrics.jsonl")
-                            if r.get("type") == "curve" and r["step"] <= state.global_step]
-                    self.seconds = done[-1]["seconds"] if done else 0.0
+        def on_step_begin(self, args, state, control, **kw):
+            self._t0 = time.perf_counter()
 
-            def on_step_begin(self, args, state, control, **kw):
-                self._t0 = time.perf_counter()
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
+            if self._t0 is not None:
+                self.seconds += time.perf_counter() - self._t0
+                self._t0 = None
+            step = state.global_step
+            if not self.every or not (step % self.every == 0 or step == state.max_steps):
+                return
+            if not dist.is_main():
+                return
+            acc = _score_in_training(self.study, model, optimizer, self.rows)
+            with open(Path(args.output_dir).parent / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"type": "curve", "step": step, "seconds": round(self.seconds, 3),
+                                    "accuracy": acc, "n": len(self.rows)}) + "\n")
 
-            def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
-                if self._t0 is not None:
-                    self.seconds += time.perf_counter() - self._t0
-                    self._t0 = None
-                step = state.global_step
-                if not self.every or not (step % self.every == 0 or step == state.max_steps):
-                    return
-                if not dist.is_main():
-                    return
-                acc = _score_in_training(self.study, model, optimizer, self.rows)
-                with open(Path(args.output_dir).parent / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"type": "curve", "step": step, "seconds": round(self.seconds, 3),
-                                        "accuracy": acc, "n": len(self.rows)}) + "\n")
-
-        return _Curve(*args, **kwargs)
+    return CurveCallback(study, rows)
 
 
 def _score_in_training(study: Study, model, optimizer, rows: list[dict]) -> float:
