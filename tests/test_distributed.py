@@ -322,21 +322,3 @@ def test_accelerate_launch_ddp_config_same_job_same_adapter(ddp_run, tiny_qwen3,
     a, b = saved_adapter(ddp_run[0]), saved_adapter(tmp_path / "run")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
     assert any(v.abs().sum() > 0 for k, v in b.items() if "lora_B" in k)  # and trained (B starts at zero)
-
-
-def test_cost_plan_is_the_cheapest_cut_and_never_pads_a_short_row_to_a_long_one():
-    import itertools
-
-    lengths = [30, 250, 45, 200, 60, 80, 100, 150]
-    cost = lambda plan, o: sum(o + len(b) * max(lengths[i] for i in b) for b in plan)  # noqa: E731
-    for overhead in (0, 40, 128, 10_000):
-        plan = dist.batch_plan(lengths, 8, 2048, overhead_tokens=overhead)
-        assert sorted(sum(plan, [])) == list(range(8)) and all(len(b) <= 8 for b in plan)
-        assert all(len(b) * max(lengths[i] for i in b) <= 2048 or len(b) == 1 for b in plan)
-        # brute force over every cut of the sorted rows: the plan is the cheapest
-        order = sorted(range(8), key=lambda i: lengths[i])
-        cheapest = min(cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, 8))], overhead)
-                       for k in range(8) for cuts in itertools.combinations(range(1, 8), k))
-        assert cost(plan, overhead) == cheapest
-    assert len(dist.batch_plan(lengths, 8, 2048, overhead_tokens=0)) == 8  # no overhead: every row alone
-    assert len(dist.batch_plan(lengths, 8, None, overhead_tokens=10_000)) == 1  # overhead dominates: one pass

@@ -173,44 +173,18 @@ def shard(items: list) -> list[int]:
     return list(range(rank(), len(items), world_size()))
 
 
-def batch_plan(lengths: list[int], batch_size: int, max_tokens: int | None = None,
-               overhead_tokens: int | None = None) -> list[list[int]]:
+def batch_plan(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
     """Row indices sorted by length and cut into batches of at most `batch_size` rows and `max_tokens`
-    padded tokens (a longer row alone); the same plan on every rank.
-
-    Without `overhead_tokens` batches are filled greedily. With it, the cut points minimise the cost
-    sum over batches of (overhead_tokens + rows x longest row): a forward pass costs a fixed overhead
-    plus its padded tokens, so a short row is not padded to a long one when a pass of its own is
-    cheaper. An exact dynamic programme over the sorted lengths (O(rows x batch_size)); hand-written
-    because the cut is specific to left-padded scoring.
-    """
+    padded tokens (so long rows come in smaller batches and pad less); the same plan on every rank."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    if overhead_tokens is None:
-        batches: list[list[int]] = []
-        for i in order:  # ascending: the new row is the batch's longest
-            if batches and len(batches[-1]) < batch_size and \
-                    (max_tokens is None or (len(batches[-1]) + 1) * lengths[i] <= max_tokens):
-                batches[-1].append(i)
-            else:
-                batches.append([i])
-        return batches
-    sorted_len = [lengths[i] for i in order]
-    n = len(order)
-    best = [0.0] + [float("inf")] * n  # best[j]: cheapest plan of the first j rows
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        longest = sorted_len[j - 1]
-        for size in range(1, min(batch_size, j) + 1):
-            if size > 1 and max_tokens is not None and size * longest > max_tokens:
-                break
-            cost = best[j - size] + overhead_tokens + size * longest
-            if cost < best[j]:
-                best[j], cut[j] = cost, j - size
-    batches, j = [], n
-    while j > 0:
-        batches.append(order[cut[j]:j])
-        j = cut[j]
-    return batches[::-1]
+    batches: list[list[int]] = []
+    for i in order:  # ascending: the new row is the batch's longest
+        if batches and len(batches[-1]) < batch_size and \
+                (max_tokens is None or (len(batches[-1]) + 1) * lengths[i] <= max_tokens):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def tensors_digest(tensors: dict) -> str:

@@ -75,9 +75,6 @@ class Classifier:
         # padded prompt tokens per batch (rows x longest row): sorted MMLU-Pro prompts (66-508 tokens) in
         # batches of 32 computed 2.9x the useful tokens; capped at 2048 on CPU, validation ran 2.5x faster
         self.max_batch_tokens = 2048 if self.device.type == "cpu" else 16384
-        # a forward pass costs as much as this many padded tokens before its first one (SmolLM2-135M, bf16, 2-core
-        # Xeon: ~85 ms a pass + ~0.5 ms a token); batches are cut to minimise passes x this + padded tokens
-        self.pass_overhead_tokens = 128 if self.device.type == "cpu" else 1024
         # rows whose two best answers are closer than this (raw score units: logits or log-probabilities)
         # are scored again alone: see _rescore_close_calls. bf16/fp16 scores of one row moved by up to
         # 0.26 between batch compositions (SmolLM2-135M, Xeon AMX); fp32 probabilities agreed to 1e-6
@@ -219,8 +216,7 @@ class Classifier:
     def plan(self, prompts: list[list[int]], prefix_len: int, batch_size: int) -> list[list[int]]:
         """Row indices batched by length (less padding; fewer rows when they are long). The token cap
         counts what a batch computes: each row's tokens after the shared prefix."""
-        return dist.batch_plan([len(p) - prefix_len for p in prompts], batch_size, self.max_batch_tokens,
-                               self.pass_overhead_tokens)
+        return dist.batch_plan([len(p) - prefix_len for p in prompts], batch_size, self.max_batch_tokens)
 
     def scoring(self, decode: str = "auto", normalize: str = "auto") -> tuple[str, str]:
         """'auto' decoding: constrained (fast, always valid) when answers end with an end-of-turn token, else
