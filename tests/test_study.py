@@ -257,7 +257,7 @@ def test_two_workers_share_the_trials(tiny_qwen3, tmp_path):
            "adamw"]
     workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     logs = [w.communicate(timeout=600)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], logs
+    assert [w.returncode for w in workers] == [0, 0], [log[-3000:] for log in logs]
     ran = [line for log in logs for line in log.splitlines() if line.startswith("trial ") and "tuning accuracy" in line]
     assert len(ran) == 4, ran  # four trials trained, none twice
     assert sorted(t["k"] for t in _trials(out, "adamw")) == [0, 1, 2, 3]

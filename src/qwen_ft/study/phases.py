@@ -454,8 +454,12 @@ def _storage(study: Study):
     url = study.cfg.protocol.storage or f"sqlite:///{(study.cfg.out / 'optuna.db').resolve()}"
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    # SQLite: workers that open or write the file at once wait for its lock (sqlite3's default 5 s ran out
+    # for a second worker on a loaded machine: "database is locked")
+    engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
     try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=3 * HEARTBEAT_S)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
+                                          grace_period=3 * HEARTBEAT_S)
     except Exception as e:  # a bad URL, a missing driver, an unreachable server
         raise UserError(f"cannot open the Optuna storage {url}: {type(e).__name__}: {e}",
                         "Check protocol.storage (e.g. sqlite:///study.db or postgresql://user@host/db).") from None
