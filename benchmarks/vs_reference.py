@@ -379,7 +379,9 @@ def run_ours(spec: dict) -> dict:
         peak = holder["peak"]["gflops"] * 1e9
         result["validate"].update({"computed_tokens": computed,
                                    "gflops_per_s": round(flops / report["seconds"] / 1e9, 1),
-                                   "samples_per_s_at_peak": round(report["n"] * peak / flops, 2)})
+                                   "samples_per_s_at_peak": round(report["n"] * peak / flops, 2),
+                                   "eval_ceiling_fraction": round(report["samples_per_s"] * flops / report["n"] / peak,
+                                                                  4)})
     result["memory"] = memory()
     del torch
     return result
@@ -411,6 +413,7 @@ def summarize(ref: dict, ours: dict, spec: dict, env: dict) -> dict:
                       "peak_memory_mb": r["memory"][mem_key], "peak_memory_kind": mem_key, **r["memory"]}
     rt, ot = ref["train"], ours["train"]
     rv, ov = ref["validate"], ours["validate"]
+    flat["ours"]["eval_ceiling_fraction"] = ov.get("eval_ceiling_fraction")  # validation samples/s / its FLOP ceiling
     ratios = {
         "train_tokens_per_s": ratio(ot["train_tokens_per_s"], rt["train_tokens_per_s"]),
         "train_padded_tokens_per_s": ratio(ot["train_padded_tokens_per_s"], rt["train_padded_tokens_per_s"]),
@@ -427,6 +430,7 @@ def summarize(ref: dict, ours: dict, spec: dict, env: dict) -> dict:
         "eval_samples_per_s >= 20x": (ratios["eval_samples_per_s"] or 0) >= 20,
         "valid outputs 100%": ov["valid_pct"] >= 100,
         "ours.mfu >= 0.5": (ot["mfu"] or 0) >= 0.5,
+        "ours.eval_ceiling_fraction >= 0.7": (ov.get("eval_ceiling_fraction") or 0) >= 0.7,
         "peak_memory <= 0.5x": (ratios["peak_memory"] or 9) <= 0.5,
     }
     return {"spec": spec, "env": env, "reference": flat["reference"], "ours": flat["ours"], "ratios": ratios,
@@ -452,6 +456,7 @@ def markdown(s: dict) -> str:
         ("Validation samples/s", r["val_samples_per_s"], o["val_samples_per_s"], q["eval_samples_per_s"]),
         ("Validation samples/s if all its FLOPs ran at the matmul peak", None, o.get("val_samples_per_s_at_peak"),
          ratio(o.get("val_samples_per_s_at_peak"), r["val_samples_per_s"])),
+        ("Validation: fraction of that ceiling reached", None, o.get("val_eval_ceiling_fraction"), None),
         ("Valid outputs %", r["val_valid_pct"], o["val_valid_pct"], None),
         (mem, r["peak_memory_mb"], o["peak_memory_mb"], q["peak_memory"]),
         ("Training GFLOP/s (useful, counted)", r["train_gflops_per_s"], o["train_gflops_per_s"], None),
@@ -461,7 +466,7 @@ def markdown(s: dict) -> str:
     ]
     out = ["| metric | reference recipe | qwen-ft defaults | ours / reference |", "|---|---:|---:|---:|"]
     for name, a, b, c in rows:
-        nd = 4 if "accuracy" in name or "MFU" in name else 1
+        nd = 4 if "accuracy" in name or "MFU" in name or "fraction" in name else 1
         out.append(f"| {name} | {f(a, nd)} | {f(b, nd)} | {f(c, 2)} |")
     env = s["env"]
     out.append("")

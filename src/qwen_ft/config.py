@@ -118,7 +118,9 @@ class TrainArgs:
     save_steps: int | None = arg(None, "Also checkpoint every N optimizer steps (always at each epoch end).", "--save-steps")
     max_steps: int | None = arg(None, "Stop after N optimizer steps (overrides epochs for the schedule).", "--max-steps")
     logging_steps: int = arg(1, "Log train loss every N steps.", "--logging-steps")
-    torch_compile: bool = arg(False, "Compile the model with torch.compile.", "--torch-compile")
+    torch_compile: bool = arg(False, "Compile each layer's MLP and norms with torch.compile for training "
+                              "(1.4x tokens/s measured on CPU; compiles once per machine, cached).",
+                              "--torch-compile")
     eval_steps: int | None = arg(None, "Evaluate (validation loss, checkpoint selection, early stopping) every N "
                                  "optimizer steps instead of every epoch.", "--eval-steps")
     report_to: str = arg("none", "Experiment tracking: none, tensorboard (event files in RUN/tensorboard), mlflow "

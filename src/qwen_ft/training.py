@@ -45,6 +45,7 @@ from qwen_ft.models import (
     apply_lora,
     base_shape,
     check_attention,
+    compiled_blocks,
     count_parameters,
     load_config,
     load_model,
@@ -385,7 +386,8 @@ def _train(r: Resolved, prepared: Prepared, plan: OutputPlan, base_model, callba
     trainer = _build_trainer(cfg, run, model, tokenizer, train_ds, val_ds, precision, [timer, *callbacks])
     triggers = next(c for c in trainer.callback_handler.callbacks if isinstance(c, CheckpointTriggers))
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with compiled_blocks(model, cfg.train.torch_compile):
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_time = time.time() - t0
     if triggers.signal is not None and trainer.state.global_step < trainer.state.max_steps:
         raise UserError(f"training interrupted at step {trainer.state.global_step}; a checkpoint was saved in "
@@ -547,7 +549,7 @@ def _build_trainer(cfg: TrainConfig, run: RunDir, model, tokenizer, train_ds, va
         prediction_loss_only=True,
         report_to=report_to,
         disable_tqdm=not (dist.is_main() and sys.stderr.isatty()),
-        torch_compile=t.torch_compile,
+        torch_compile=False,  # --torch-compile compiles the layers' MLP and norms instead (models.compiled_blocks)
         save_only_model=False,
         dataloader_num_workers=0,
     )
