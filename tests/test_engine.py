@@ -260,3 +260,33 @@ def test_near_ties_are_decided_alone_so_labels_do_not_depend_on_the_batch(tiny_m
     assert stats["rescored_alone"] == len(close)
     for i in close:
         assert got[i] == alone[i]
+
+
+def test_packed_batches_equal_each_row_alone(classifiers, tiny_model):
+    """Rows of very different lengths in one batch run packed (one row, no padding, a block-diagonal mask over
+    the shared instruction cache): the answers and probabilities of full forwards of each row alone."""
+    from qwen_ft.engine import PACK_ABOVE_PADDING
+
+    clf = classifiers["unique first tokens"]
+    rows = [{"question": q} for q in ["x", "Define entropy " * 12, "Why?", "What is a contract in law, briefly?"]]
+    suffix_lens = [len(clf.encoder.prompt_ids(r)) - len(clf._prefix) for r in rows]
+    assert len(rows) * max(suffix_lens) > PACK_ABOVE_PADDING * sum(suffix_lens)  # padding would waste: it packs
+    results, stats = clf.classify(rows, batch_size=16, top_k=4)
+    assert stats["computed_tokens"] == sum(suffix_lens)  # not one pad token computed (padded: 4 x the longest)
+    for row, res in zip(rows, results):
+        labels, seqs = clf.encoder.answer_options(row)
+        best, first = brute_greedy(tiny_model, clf.encoder.prompt_ids(row), seqs)
+        assert res["pred"] == labels[best]
+        for lab, p in res["top"]:
+            assert p == pytest.approx(first[labels.index(lab)], abs=1e-5)
+
+
+def test_packed_pass_without_a_prefix_equals_full_forwards(tiny_model):
+    from qwen_ft.scoring import Counts, packed_pass
+
+    torch.manual_seed(0)
+    seqs = [torch.randint(5, 200, (n,)).tolist() for n in (1, 9, 3, 17)]
+    logits = packed_pass(tiny_model, seqs, 0, None, "cpu", Counts())
+    assert logits.shape == (len(seqs), tiny_model.config.vocab_size)
+    for k, s in enumerate(seqs):
+        assert torch.allclose(torch.log_softmax(logits[k], -1), full_logprobs(tiny_model, s)[-1], atol=1e-5)

@@ -218,3 +218,15 @@ def write_reliability(section: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def record(report: dict) -> dict:
+    """calibration.json's content from an eval.json report fitted with `fit_temperature=True`: the temperature
+    and the scoring it holds for (the engine applies it only to the same decode and normalisation)."""
+    fit_ = report["calibration"]["fit"]
+    log.info("calibration: temperature %.4g fitted on %d rows; NLL %.4f -> %.4f, ECE %.4f -> %.4f (2-fold "
+             "cross-fitted %s)", fit_["temperature"], fit_["n"], fit_["nll_before"], fit_["nll_after"],
+             fit_["ece_before"], fit_["ece_after"], fit_["ece_cross_fitted"])
+    return {"temperature": fit_["temperature"], "fitted_on": report["data"], "n": fit_["n"], "decode": report["decode"],
+            "normalize": report["normalize"], "precision": report["precision"],
+            **{k: v for k, v in fit_.items() if k not in ("temperature", "n")}}

@@ -173,17 +173,22 @@ def shard(items: list) -> list[int]:
     return list(range(rank(), len(items), world_size()))
 
 
-def batch_plan(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+def batch_plan(lengths: list[int], batch_size: int, max_tokens: int | None = None,
+               packed: bool = False) -> list[list[int]]:
     """Row indices sorted by length and cut into batches of at most `batch_size` rows and `max_tokens`
-    padded tokens (so long rows come in smaller batches and pad less); the same plan on every rank."""
+    padded tokens (so long rows come in smaller batches and pad less), or with `packed` at most
+    `max_tokens` tokens in all (rows that may run packed, without padding); the same plan on every rank."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
+    used = 0
     for i in order:  # ascending: the new row is the batch's longest
-        if batches and len(batches[-1]) < batch_size and \
-                (max_tokens is None or (len(batches[-1]) + 1) * lengths[i] <= max_tokens):
+        cost = used + lengths[i] if packed else (len(batches[-1]) + 1) * lengths[i] if batches else 0
+        if batches and len(batches[-1]) < batch_size and (max_tokens is None or cost <= max_tokens):
             batches[-1].append(i)
+            used += lengths[i]
         else:
             batches.append([i])
+            used = lengths[i]
     return batches
 
 

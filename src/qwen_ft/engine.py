@@ -49,6 +49,7 @@ from qwen_ft.scoring import (
     left_pad,
     match_answer,
     option_logprobs,
+    packed_pass,
     prefix_cache,
     suffix_pass,
 )
@@ -58,6 +59,11 @@ log = logging.getLogger(__name__)
 DECODES = ("auto", "constrained", "exact", "free", "head")
 TIE_MARGIN = {"bf16": 0.5, "fp16": 0.5}  # fp32: batch-invariant to < 1e-6 (measured), off
 NORMALIZE = ("auto", "none", "token", "char")
+# Pack a batch (no padding; scoring.packed_pass) when padding it would cost more than this x its real tokens.
+# Measured (SmolLM2-135M bf16, MMLU-Pro questions, AMD EPYC 2 cores): random groups of 8 - padded ~2x the real
+# tokens - 4.9 rows/s padded vs 10.6 packed; length-sorted groups of 8 11.4 padded vs 9.7 packed (a packed
+# row's attention spans the whole pack).
+PACK_ABOVE_PADDING = 1.25
 
 
 class Classifier:
@@ -213,10 +219,12 @@ class Classifier:
         return [{"question": "a"}, {"question": "b"}]
 
     # ------------------------------------------------------------------ classify
-    def plan(self, prompts: list[list[int]], prefix_len: int, batch_size: int) -> list[list[int]]:
+    def plan(self, prompts: list[list[int]], prefix_len: int, batch_size: int,
+             packed: bool = False) -> list[list[int]]:
         """Row indices batched by length (less padding; fewer rows when they are long). The token cap
-        counts what a batch computes: each row's tokens after the shared prefix."""
-        return dist.batch_plan([len(p) - prefix_len for p in prompts], batch_size, self.max_batch_tokens)
+        counts what a batch computes: each row's tokens after the shared prefix, padded to the longest, or
+        (`packed`: rows that one pass decides, which may run packed) the real ones."""
+        return dist.batch_plan([len(p) - prefix_len for p in prompts], batch_size, self.max_batch_tokens, packed)
 
     def scoring(self, decode: str = "auto", normalize: str = "auto") -> tuple[str, str]:
         """'auto' decoding: constrained (fast, always valid) when answers end with an end-of-turn token, else
@@ -254,7 +262,8 @@ class Classifier:
         prompts = [self.encoder.prompt_ids(r) for r in rows]
         truncated = self.encoder.n_truncated - truncated_before
         prefix, cache = self._call_prefix(prompts, decode)
-        batches = self.plan(prompts, len(prefix), batch_size)
+        one_pass = decode == "constrained" and all(_one_pass(self.encoder.answer_options(r)[1]) for r in rows)
+        batches = self.plan(prompts, len(prefix), batch_size, packed=one_pass)
         mine = dist.shard(batches) if distributed else list(range(len(batches)))
         # the instruction's cache was computed at load time; a prefix of this call's own is computed now
         counts = Counts(computed_tokens=len(prefix) if cache is not None and cache is not self._prefix_cache else 0)
@@ -424,8 +433,14 @@ class Classifier:
                                  "groups": list(range(len(labels)))}
                 out.append(res)
             return out
-        logits, kv, mask, lengths = suffix_pass(self.model, suffixes, len(prefix), cache, self.pad_id, self.device,
-                                              counts)
+        if all(_one_pass(o) for o in seqs) and \
+                len(suffixes) * max(map(len, suffixes)) > PACK_ABOVE_PADDING * sum(map(len, suffixes)):
+            # one pass decides every row, and padding would more than PACK_ABOVE_PADDING x the work: no padding
+            logits, kv, mask, lengths = packed_pass(self.model, suffixes, len(prefix), cache, self.device,
+                                                    counts), None, None, None
+        else:
+            logits, kv, mask, lengths = suffix_pass(self.model, suffixes, len(prefix), cache, self.pad_id,
+                                                  self.device, counts)
         chosen = greedy_trie(self.model, logits, seqs, kv, mask, lengths, self.device, counts)
         out = []
         for k, (labels, options) in enumerate(opts):
@@ -498,6 +513,11 @@ def fp32_logits(model) -> None:
     head = model.get_output_embeddings()
     if isinstance(head, torch.nn.Linear):
         model.set_output_embeddings(_Fp32Head(head.weight, head.bias))
+
+
+def _one_pass(options: list[list[int]]) -> bool:
+    """Whether the first pass decides among these answers (their first tokens all differ)."""
+    return len({o[0] for o in options}) == len(options)
 
 
 def _margin(res: dict) -> float:

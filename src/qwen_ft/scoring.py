@@ -36,8 +36,9 @@ class Counts:
     computed_tokens: int = 0
 
 
-def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
+def left_pad(seqs: list[list[int]], pad_id: int, device, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, width] ids padded on the left with `pad_id` (width: the longest by default), and the mask of real tokens."""
+    width = width or max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -87,6 +88,29 @@ def suffix_pass(model, suffixes: list[list[int]], prefix_len: int, cache, pad_id
                 logits_to_keep=1)
     lengths = prefix_len + mask[:, prefix_len:].sum(1)
     return out.logits[:, -1].float().cpu(), out.past_key_values, mask, lengths
+
+
+@torch.inference_mode()
+def packed_pass(model, suffixes: list[list[int]], prefix_len: int, cache, device, counts: Counts) -> torch.Tensor:
+    """Last-position logits [B, V] (float, on CPU) of prefix + each suffix, like `suffix_pass`, with the
+    suffixes packed into one row and no padding: each token attends to the shared prefix and to its own
+    suffix only (a block-diagonal causal mask), positions restart after the prefix for every suffix, and
+    the prefix cache is used at batch 1 as it is. Leaves nothing to continue from: for rows that one pass
+    decides. Hand-written: transformers' packed-sequence support (position ids only) does not combine a
+    packed row with a shared prefix cache."""
+    lengths = torch.tensor([len(s) for s in suffixes])
+    total = int(lengths.sum())
+    segment = torch.repeat_interleave(torch.arange(len(suffixes)), lengths)
+    starts = lengths.cumsum(0) - lengths
+    pos = (prefix_len + torch.arange(total) - starts[segment]).unsqueeze(0)
+    own = (segment[:, None] == segment[None, :]) & torch.ones(total, total, dtype=torch.bool).tril()
+    mask = torch.cat([torch.ones(total, prefix_len, dtype=torch.bool), own], dim=1)[None, None]
+    ids = torch.tensor([t for s in suffixes for t in s]).unsqueeze(0)
+    counts.computed_tokens += total
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                past_key_values=copy.deepcopy(cache) if cache is not None else None, use_cache=cache is not None,
+                logits_to_keep=(lengths.cumsum(0) - 1).to(device))
+    return out.logits[0].float().cpu()
 
 
 @torch.inference_mode()

@@ -66,6 +66,7 @@ from qwen_ft.runs import (
     write_json,
     write_jsonl,
 )
+from qwen_ft.scoring import left_pad
 
 log = logging.getLogger(__name__)
 
@@ -79,25 +80,20 @@ class LeftPadCollator:
         self.pad_id = pad_id
         self.multiple = pad_to_multiple_of
 
-    def __call__(self, features: list[dict]) -> dict:
+    def _width(self, features: list[dict]) -> int:
         width = max(len(f["input_ids"]) for f in features)
-        if self.multiple:
-            width = -(-width // self.multiple) * self.multiple
-        n = len(features)
-        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        labels = torch.full((n, width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        answer_span = 1
-        for i, f in enumerate(features):
-            ids, lab = f["input_ids"], f["labels"]
-            input_ids[i, width - len(ids):] = torch.as_tensor(ids)
-            labels[i, width - len(lab):] = torch.as_tensor(lab)
-            mask[i, width - len(ids):] = 1
-            first = next((j for j, v in enumerate(lab) if v != IGNORE), len(lab))
-            answer_span = max(answer_span, len(lab) - first)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels,
-                "logits_to_keep": min(answer_span + 1, width)}
+        return -(-width // self.multiple) * self.multiple if self.multiple else width
+
+    def _inputs(self, features: list[dict], width: int) -> dict:
+        input_ids, mask = left_pad([f["input_ids"] for f in features], self.pad_id, "cpu", width)
+        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+
+    def __call__(self, features: list[dict]) -> dict:
+        width = self._width(features)
+        labels, _ = left_pad([f["labels"] for f in features], IGNORE, "cpu", width)
+        answer_span = max(len(lab) - next((j for j, v in enumerate(lab) if v != IGNORE), len(lab))
+                          for lab in (f["labels"] for f in features))
+        return {**self._inputs(features, width), "labels": labels, "logits_to_keep": min(max(answer_span, 1) + 1, width)}
 
 
 def answer_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
@@ -116,15 +112,7 @@ class HeadCollator(LeftPadCollator):
     prompt token sits in the last column; `labels` are the class ids."""
 
     def __call__(self, features: list[dict]) -> dict:
-        width = max(len(f["input_ids"]) for f in features)
-        if self.multiple:
-            width = -(-width // self.multiple) * self.multiple
-        input_ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(features), width), dtype=torch.long)
-        for i, f in enumerate(features):
-            input_ids[i, width - len(f["input_ids"]):] = torch.as_tensor(f["input_ids"])
-            mask[i, width - len(f["input_ids"]):] = 1
-        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+        return {**self._inputs(features, self._width(features)),
                 "labels": torch.tensor([f["labels"] for f in features], dtype=torch.long)}
 
 

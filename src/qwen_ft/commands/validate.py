@@ -6,8 +6,8 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+from qwen_ft import calibration
 from qwen_ft import distributed as dist
-from qwen_ft.calibration import write_reliability
 from qwen_ft.engine import Classifier, stderr_is_terminal
 from qwen_ft.errors import Problems, UserError
 from qwen_ft.metrics import write_confusion
@@ -110,16 +110,9 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
     write_jsonl(out_dir / "predictions.jsonl", predictions)
     write_confusion([r["label"] for r in rows], [p["pred"] for p in predictions], clf.labels, out_dir)
     if report["calibration"]:
-        write_reliability(report["calibration"], out_dir / "reliability.png")
+        calibration.write_reliability(report["calibration"], out_dir / "reliability.png")
     if calibrate:
-        fit = report["calibration"]["fit"]
-        path = RunDir(model_path).write_calibration({
-            "temperature": fit["temperature"], "fitted_on": report["data"], "n": fit["n"], "decode": report["decode"],
-            "normalize": report["normalize"], "precision": report["precision"],
-            **{k: v for k, v in fit.items() if k not in ("temperature", "n")}})
-        log.info("calibration: temperature %.4g fitted on %d rows; NLL %.4f -> %.4f, ECE %.4f -> %.4f (2-fold "
-                 "cross-fitted %s); wrote %s", fit["temperature"], fit["n"], fit["nll_before"], fit["nll_after"],
-                 fit["ece_before"], fit["ece_after"], fit["ece_cross_fitted"], path)
+        log.info("wrote %s", RunDir(model_path).write_calibration(calibration.record(report)))
     write_json(out_dir / "eval.json", report)
     log.info(summary_table(report, clf.labels))
     if noise is not None:

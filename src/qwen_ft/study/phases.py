@@ -95,6 +95,7 @@ class Study:
         base["train"].pop("output_dir", None)
         base["data"] = without_later_data_fields(base["data"])
         base["model"].pop("head", None)  # always generative in a study: hashes as before the field existed
+        base["train"]["torch_compile"] = False  # a speed lever (same results up to rounding): hashes as before
         p = self.cfg.protocol
         return markers.digest(kind, self.data_hash(), base, self.cfg.optimizers[opt].spec(), params, seed, budget,
                               p.eval_steps, p.curve_every, p.curve_rows, dataclasses.asdict(self.cfg.eval))
