@@ -47,6 +47,7 @@ def test_compiled_training_matches_eager_losses_and_predictions(tiny_qwen3, tmp_
 
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     torch._dynamo.reset()
+    counters.clear()
     assert main(tiny_train_args(tiny_qwen3, eager, *EXTRA)) == 0
     assert counters["stats"]["unique_graphs"] == 0
     assert main(tiny_train_args(tiny_qwen3, compiled, *EXTRA, "--torch-compile")) == 0

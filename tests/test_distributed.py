@@ -273,6 +273,10 @@ def test_shards_cover_every_row_once_in_the_same_batches(monkeypatch, world):
     assert sorted(sum(capped, [])) == list(range(11))
     assert all(len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 16 for b in capped)
     assert max(len(b) for b in capped) <= 3 and len(capped) > len(plan)
+    packed = dist.batch_plan(lengths, 3, max_tokens=12, packed=True)  # real tokens <= 12 (a longer row alone)
+    assert sorted(sum(packed, [])) == list(range(11))
+    assert all(len(b) == 1 or sum(lengths[i] for i in b) <= 12 for b in packed)
+    assert any(len(b) * max(lengths[i] for i in b) > 12 for b in packed)  # more rows than a padded cap allows
     monkeypatch.setenv("WORLD_SIZE", str(world))
     seen = []
     for r in range(world):
