@@ -22,6 +22,7 @@ row, runs the full vocabulary head at every step and gives no distribution over 
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -34,6 +35,19 @@ class Counts:
 
     prompt_tokens: int = 0
     computed_tokens: int = 0
+
+
+def _cache_in(model, kv) -> dict:
+    """The KV cache as this transformers version takes it: `cache=` (5.2x; `past_key_values=` is deprecated
+    there and goes in 5.40) or `past_key_values=` (earlier 5.x)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values": kv}
+
+
+def _cache_out(out):
+    """The KV cache a forward pass returned, under either name."""
+    cache = out.get("cache")
+    return cache if cache is not None else out.get("past_key_values")
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +80,7 @@ def prefix_cache(model, prefix: list[int], device):
     if not prefix:
         return None
     out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
-    return out.past_key_values
+    return _cache_out(out)
 
 
 @torch.inference_mode()
@@ -84,10 +98,10 @@ def suffix_pass(model, suffixes: list[list[int]], prefix_len: int, cache, pad_id
         kv = copy.deepcopy(cache)
         kv.batch_repeat_interleave(b)
         mask = torch.cat([torch.ones((b, prefix_len), dtype=mask.dtype, device=device), mask], dim=1)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=kv, use_cache=True,
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **_cache_in(model, kv), use_cache=True,
                 logits_to_keep=1)
     lengths = prefix_len + mask[:, prefix_len:].sum(1)
-    return out.logits[:, -1].float().cpu(), out.past_key_values, mask, lengths
+    return out.logits[:, -1].float().cpu(), _cache_out(out), mask, lengths
 
 
 @torch.inference_mode()
@@ -108,7 +122,7 @@ def packed_pass(model, suffixes: list[list[int]], prefix_len: int, cache, device
     ids = torch.tensor([t for s in suffixes for t in s]).unsqueeze(0)
     counts.computed_tokens += total
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                past_key_values=copy.deepcopy(cache) if cache is not None else None, use_cache=cache is not None,
+                **_cache_in(model, copy.deepcopy(cache) if cache is not None else None), use_cache=cache is not None,
                 logits_to_keep=(lengths.cumsum(0) - 1).to(device))
     return out.logits[0].float().cpu()
 
@@ -145,9 +159,9 @@ def greedy_trie(model, logp: torch.Tensor, options: list[list[list[int]]], kv, m
         # some rows still ambiguous: feed their chosen token (all rows step together; cheap: 1 token each)
         mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=device)], dim=1)
         out = model(input_ids=next_tok.unsqueeze(1).to(device), attention_mask=mask,
-                    position_ids=lengths.unsqueeze(1), past_key_values=kv, use_cache=True, logits_to_keep=1)
+                    position_ids=lengths.unsqueeze(1), **_cache_in(model, kv), use_cache=True, logits_to_keep=1)
         counts.computed_tokens += b
-        kv, lengths = out.past_key_values, lengths + 1
+        kv, lengths = _cache_out(out), lengths + 1
         logp = out.logits[:, -1].float().cpu()
         step += 1
 
@@ -177,7 +191,7 @@ def option_logprobs(model, suffixes: list[list[int]], options: list[list[list[in
     full_mask = torch.cat([mask.repeat_interleave(n, 0), torch.ones_like(cont)], dim=1)
     cont_pos = lengths.repeat_interleave(n).unsqueeze(1) + torch.arange(width, device=device)
     counts.computed_tokens += int(cont.numel())
-    logits = model(input_ids=cont, attention_mask=full_mask, position_ids=cont_pos, past_key_values=kv,
+    logits = model(input_ids=cont, attention_mask=full_mask, position_ids=cont_pos, **_cache_in(model, kv),
                    use_cache=False).logits.float()
     logp = torch.log_softmax(logits, dim=-1)
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets >= 0)
