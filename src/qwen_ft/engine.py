@@ -85,6 +85,8 @@ class Classifier:
         # are scored again alone: see _rescore_close_calls. bf16/fp16 scores of one row moved by up to
         # 0.26 between batch compositions (SmolLM2-135M, Xeon AMX); fp32 probabilities agreed to 1e-6
         self.tie_margin = TIE_MARGIN.get(precision, 0.0)
+        # packed batches need a custom 4D mask: sdpa and eager attention take one, flash-attention kernels do not
+        self.can_pack = getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager")
         # a classification head (`--head classification`) answers from one pass over the whole prompt
         from qwen_ft.models import is_head_model
 
@@ -262,7 +264,7 @@ class Classifier:
         prompts = [self.encoder.prompt_ids(r) for r in rows]
         truncated = self.encoder.n_truncated - truncated_before
         prefix, cache = self._call_prefix(prompts, decode)
-        one_pass = decode == "constrained" and all(_one_pass(self.encoder.answer_options(r)[1]) for r in rows)
+        one_pass = decode == "constrained" and self.can_pack and all(_one_pass(self.encoder.answer_options(r)[1]) for r in rows)
         batches = self.plan(prompts, len(prefix), batch_size, packed=one_pass)
         mine = dist.shard(batches) if distributed else list(range(len(batches)))
         # the instruction's cache was computed at load time; a prefix of this call's own is computed now
@@ -433,7 +435,7 @@ class Classifier:
                                  "groups": list(range(len(labels)))}
                 out.append(res)
             return out
-        if all(_one_pass(o) for o in seqs) and \
+        if self.can_pack and all(_one_pass(o) for o in seqs) and \
                 len(suffixes) * max(map(len, suffixes)) > PACK_ABOVE_PADDING * sum(map(len, suffixes)):
             # one pass decides every row, and padding would more than PACK_ABOVE_PADDING x the work: no padding
             logits, kv, mask, lengths = packed_pass(self.model, suffixes, len(prefix), cache, self.device,
