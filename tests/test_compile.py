@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from qwen_ft.cli import main
-from qwen_ft.models import compiled_blocks, load_model
+from qwen_ft.models import compiled_blocks
 from tests.conftest import tiny_train_args
 
 EXTRA = ("--learning-rate", "1e-2", "--seed", "5", "--max-samples-per-category", "4")
@@ -25,18 +25,28 @@ def predictions(run) -> list[str]:
     return [json.loads(x)["pred"] for x in (run / "v" / "predictions.jsonl").read_text().splitlines()]
 
 
-def test_compiled_blocks_swap_the_layer_parts_and_restore_them(tiny_qwen3, isolated_cache):
-    model = load_model(str(tiny_qwen3))
+def test_compiled_blocks_swap_the_layer_parts_and_restore_them(isolated_cache):
+    from torch._dynamo.utils import counters
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    # 10 layers: more than dynamo's 8 recompiles, after which a per-layer recompile would silently run eagerly
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=10,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        eager = model(ids).logits
     layer = model.model.layers[0]
-    x = torch.randn(2, 5, model.config.hidden_size)
-    eager = layer.mlp(x)
-    with compiled_blocks(model) as n:
+    torch._dynamo.reset()
+    counters.clear()
+    with compiled_blocks(model) as n, torch.no_grad():
         assert n == 3 * len(model.model.layers)
         assert "forward" in vars(layer.mlp) and "forward" in vars(layer.input_layernorm)
-        compiled = layer.mlp(x)
-        assert torch.allclose(compiled, eager, atol=1e-5)
+        assert torch.allclose(model(ids).logits, eager, atol=1e-5)
         # dynamic shapes: another batch shape runs through the same compiled code
-        assert torch.allclose(layer.mlp(x[:1, :3]), eager[:1, :3], atol=1e-5)
+        assert torch.allclose(model(ids[:1, :4]).logits, eager[:1, :4], atol=1e-5)
+    # one graph per kind of part (MLP, RMSNorm), shared by all 10 layers and both shapes - not one per layer
+    assert 1 <= counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
     assert "forward" not in vars(layer.mlp) and "forward" not in vars(layer.post_attention_layernorm)
     assert (isolated_cache / "inductor").is_dir()  # inductor's cache lives under the qwen-ft cache folder
 

@@ -290,3 +290,22 @@ def test_packed_pass_without_a_prefix_equals_full_forwards(tiny_model):
     assert logits.shape == (len(seqs), tiny_model.config.vocab_size)
     for k, s in enumerate(seqs):
         assert torch.allclose(torch.log_softmax(logits[k], -1), full_logprobs(tiny_model, s)[-1], atol=1e-5)
+
+
+def test_packing_only_where_the_custom_mask_is_honoured(tiny_model):
+    from types import SimpleNamespace
+
+    from qwen_ft.engine import _can_pack
+
+    cpu = torch.device("cpu")
+    assert tiny_model.config._attn_implementation == "sdpa" and _can_pack(tiny_model, cpu)
+
+    def model(**config):
+        return SimpleNamespace(config=SimpleNamespace(**{"_attn_implementation": "sdpa", **config}))
+
+    assert _can_pack(model(), cpu) and _can_pack(model(layer_types=["full_attention"] * 2), cpu)
+    assert not _can_pack(model(_attn_implementation="eager"), cpu)  # would add a bool mask, not apply it
+    assert not _can_pack(model(_attn_implementation="flash_attention_2"), cpu)
+    assert not _can_pack(model(sliding_window=4096), cpu)
+    assert not _can_pack(model(layer_types=["full_attention", "linear_attention"]), cpu)
+    assert not _can_pack(model(), torch.device("cuda"))  # measured on CPU only

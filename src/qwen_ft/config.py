@@ -464,7 +464,7 @@ def without_later_data_fields(data: dict) -> dict:
     return {k: v for k, v in data.items() if not (k in LATER_DATA_FIELDS and v is None)}
 
 
-def config_hash(obj) -> str:
+def config_hash(obj, speed_levers: bool = False) -> str:
     import hashlib
     import json
 
@@ -474,8 +474,8 @@ def config_hash(obj) -> str:
         data = {**data, "model": {k: v for k, v in data["model"].items() if k != "head"}}
     if isinstance(data.get("data"), dict):
         data = {**data, "data": without_later_data_fields(data["data"])}
-    if isinstance(data.get("train"), dict) and "torch_compile" in data["train"]:
+    if not speed_levers and isinstance(data.get("train"), dict) and "torch_compile" in data["train"]:
         # a speed lever (the same results up to float rounding, tests/test_compile.py): a run resumes with or
-        # without it, and hashes as runs did before it could be on
+        # without it, and hashes as runs did before it could be on (`speed_levers=True`: the hash as it was)
         data = {**data, "train": {**data["train"], "torch_compile": False}}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

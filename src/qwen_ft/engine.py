@@ -85,8 +85,7 @@ class Classifier:
         # are scored again alone: see _rescore_close_calls. bf16/fp16 scores of one row moved by up to
         # 0.26 between batch compositions (SmolLM2-135M, Xeon AMX); fp32 probabilities agreed to 1e-6
         self.tie_margin = TIE_MARGIN.get(precision, 0.0)
-        # packed batches need a custom 4D mask: sdpa and eager attention take one, flash-attention kernels do not
-        self.can_pack = getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager")
+        self.can_pack = _can_pack(model, self.device)
         # a classification head (`--head classification`) answers from one pass over the whole prompt
         from qwen_ft.models import is_head_model
 
@@ -515,6 +514,17 @@ def fp32_logits(model) -> None:
     head = model.get_output_embeddings()
     if isinstance(head, torch.nn.Linear):
         model.set_output_embeddings(_Fp32Head(head.weight, head.bias))
+
+
+def _can_pack(model, device) -> bool:
+    """Whether batches may run packed (`scoring.packed_pass`): on CPU (where it was measured), with sdpa
+    attention (it takes the boolean 4D mask as given; eager attention would add it, flash-attention kernels
+    take none), and only full attention in every layer (a sliding window or a recurrent/linear-attention
+    layer would see across the packed rows)."""
+    config = model.config
+    return (device.type == "cpu" and getattr(config, "_attn_implementation", None) == "sdpa"
+            and set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
+            and not getattr(config, "sliding_window", None))
 
 
 def _one_pass(options: list[list[int]]) -> bool:

@@ -301,6 +301,7 @@ def compiled_blocks(model, enabled: bool = True):
     Constrained validation gained nothing measurable from it (10.1 vs 9.8 samples/s), so inference
     stays eager."""
     parts = []
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if enabled:
         from qwen_ft import USER_INDUCTOR_CACHE
 
@@ -321,3 +322,8 @@ def compiled_blocks(model, enabled: bool = True):
     finally:
         for part in parts:
             del part.forward  # the class's forward again
+        if enabled:
+            if before is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = before

@@ -259,7 +259,8 @@ def check_inputs(cfg: TrainConfig | dict, resume: bool, overwrite: bool, prepare
     if plan is not None and plan.mode == "resume" and r is not None:
         h = plan.work / "config.hash"
         saved = h.read_text().strip() if h.is_file() else None
-        differs = saved != config_hash(r.config)
+        # (runs started with --torch-compile before it hashed as off saved the hash with it on)
+        differs = saved not in (config_hash(r.config), config_hash(r.config, speed_levers=True))
         p.check(not differs, f"--resume: the config differs from the unfinished run in {out}; "
                 f"use the same flags as before (see {plan.work / 'config.yaml'}), or --overwrite")
     p.raise_if_any(error=ConfigDiffersError if differs else UserError)
