@@ -7,10 +7,11 @@ Training: tokens/s of LoRA training steps on the same length-grouped batches for
 fp32 / bf16 autocast over fp32 weights / bf16 weights (LoRA fp32), LoRA dropout 0 vs 0.05, and
 logits for the answer positions only vs every position, and each layer's MLP + norms compiled
 (`models.compiled_blocks`, the `--torch-compile` path; the first step's seconds, compiling included, are
-printed too; the whole model compiled measured 209.9 tokens/s after 165 s compiling, vs 251.7 for the blocks). Validation: samples/s of exact scoring vs the
-fast trie decode, with and without the shared-prefix KV cache, bf16 vs fp32 weights, batch sizes; all through
-the inference engine (`engine.Classifier`), except the decode without the shared prefix, which the engine
-always shares: that one runs scoring.py's stateless kernels over the whole prompts, on the engine's batch plan.
+printed too; the whole model compiled measured 209.9 tokens/s after 165 s compiling, vs 251.7 for the
+blocks). Validation: samples/s of exact scoring vs the fast trie decode, with and without the
+shared-prefix KV cache, bf16 vs fp32 weights, batch sizes; all through the inference engine
+(`engine.Classifier`), except the decode without the shared prefix, which the engine always shares: that
+one runs scoring.py's stateless kernels over the whole prompts, on the engine's batch plan.
 """
 
 from __future__ import annotations

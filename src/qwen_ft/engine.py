@@ -263,8 +263,10 @@ class Classifier:
         prompts = [self.encoder.prompt_ids(r) for r in rows]
         truncated = self.encoder.n_truncated - truncated_before
         prefix, cache = self._call_prefix(prompts, decode)
-        one_pass = decode == "constrained" and self.can_pack and all(_one_pass(self.encoder.answer_options(r)[1]) for r in rows)
-        batches = self.plan(prompts, len(prefix), batch_size, packed=one_pass)
+        # rows that one pass decides may run packed (no padding): their batches are capped on real tokens
+        packable = decode == "constrained" and self.can_pack and all(
+            _one_pass(self.encoder.answer_options(r)[1]) for r in rows)
+        batches = self.plan(prompts, len(prefix), batch_size, packed=packable)
         mine = dist.shard(batches) if distributed else list(range(len(batches)))
         # the instruction's cache was computed at load time; a prefix of this call's own is computed now
         counts = Counts(computed_tokens=len(prefix) if cache is not None and cache is not self._prefix_cache else 0)
@@ -274,7 +276,7 @@ class Classifier:
                 idx = batches[b]
                 counts.prompt_tokens += sum(len(prompts[i]) for i in idx)
                 batch = self._batch(decode, normalize, top_k, [rows[i] for i in idx], [prompts[i] for i in idx],
-                                    prefix, cache, counts)
+                                    prefix, cache, counts, packable)
                 results += zip(idx, batch)
             rescored = self._rescore_close_calls(results, rows, decode, normalize, top_k, counts)
         stats = self._stats(len(rows), timer.seconds, counts, decode, normalize, truncated)
@@ -408,7 +410,7 @@ class Classifier:
         prefix = common_prefix(prompts)
         return prefix, prefix_cache(self.model, prefix, self.device)
 
-    def _batch(self, decode, normalize, top_k, rows, prompts, prefix, cache, counts) -> list[dict]:
+    def _batch(self, decode, normalize, top_k, rows, prompts, prefix, cache, counts, packable=False) -> list[dict]:
         if decode == "free":
             return self._free(rows, prompts, counts)
         if decode == "head":
@@ -434,8 +436,7 @@ class Classifier:
                                  "groups": list(range(len(labels)))}
                 out.append(res)
             return out
-        if self.can_pack and all(_one_pass(o) for o in seqs) and \
-                len(suffixes) * max(map(len, suffixes)) > PACK_ABOVE_PADDING * sum(map(len, suffixes)):
+        if packable and len(suffixes) * max(map(len, suffixes)) > PACK_ABOVE_PADDING * sum(map(len, suffixes)):
             # one pass decides every row, and padding would more than PACK_ABOVE_PADDING x the work: no padding
             logits, kv, mask, lengths = packed_pass(self.model, suffixes, len(prefix), cache, self.device,
                                                     counts), None, None, None

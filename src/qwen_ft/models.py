@@ -284,7 +284,6 @@ def base_shape(config) -> dict:
     return {k: getattr(config, k, None) for k in keys}
 
 
-
 @contextlib.contextmanager
 def compiled_blocks(model, enabled: bool = True):
     """Within: each decoder layer's MLP and norms (the parts that never see the KV cache) run through

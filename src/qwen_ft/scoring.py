@@ -22,6 +22,7 @@ row, runs the full vocabulary head at every step and gives no distribution over 
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import time
 from dataclasses import dataclass
@@ -41,7 +42,13 @@ def _cache_in(model, kv) -> dict:
     """The KV cache as this transformers version takes it: `cache=` (5.2x; `past_key_values=` is deprecated
     there and goes in 5.40) or `past_key_values=` (earlier 5.x)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {"cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values": kv}
+    return {_cache_keyword(type(base)): kv}
+
+
+@functools.cache
+def _cache_keyword(model_class) -> str:
+    """Looked up once per model class, not on every forward pass."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _cache_out(out):

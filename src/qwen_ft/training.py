@@ -91,8 +91,9 @@ class LeftPadCollator:
     def __call__(self, features: list[dict]) -> dict:
         width = self._width(features)
         labels, _ = left_pad([f["labels"] for f in features], IGNORE, "cpu", width)
-        answer_span = max(len(lab) - next((j for j, v in enumerate(lab) if v != IGNORE), len(lab))
-                          for lab in (f["labels"] for f in features))
+        # from each row's first answer token to its end (the rows end together): the positions the loss needs
+        answer_span = max(len(f["labels"]) - next((j for j, v in enumerate(f["labels"]) if v != IGNORE),
+                                                  len(f["labels"])) for f in features)
         return {**self._inputs(features, width), "labels": labels, "logits_to_keep": min(max(answer_span, 1) + 1, width)}
 
 
