@@ -3,8 +3,8 @@
     python benchmarks/learning_curve.py --data ../shared/data/mmlu_pro/test.parquet --out runs/curve \
         --points 40:2:8:5e-4,150:1:16:1e-3,400:1:16:1e-3 [--json curve.json]
 
-Each point is `ROWS_PER_CATEGORY:EPOCHS:BATCH:LR[:head]` (`head`: `--head classification`), trained by
-`qwen-ft train` with
+Each point is `ROWS_PER_CATEGORY:EPOCHS:BATCH:LR[:head|:typos=RATE]` (`head`: `--head classification`;
+`typos=RATE`: `--augment typos:RATE`, one noisy copy of every training row), trained by `qwen-ft train` with
 `--max-train-samples-per-category ROWS` (the split is taken first, so every point is validated on the same
 `--val-fraction` of all rows) and scored by `qwen-ft validate` on all of those rows. The untrained model is
 scored once with the same prompt (`--baseline`). Prints a table (rows, accuracy with 95 % CI, macro-F1,
@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     ap.add_argument("--split-by", default=None, help="e.g. src: hold whole sources out as the test split")
     ap.add_argument("--test-fraction", default="0.2")
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--skip-untrained", action="store_true", help="do not score the untrained model")
     args = ap.parse_args(argv)
     from vs_reference import _cpu_name, cpu_isa  # the CPU model and ISA, printed with every figure
 
@@ -66,15 +67,14 @@ def main(argv=None) -> int:
     log = out / "curve.log"
     rows = []
     for point in args.points.split(","):
-        per_cat, epochs, batch, lr, *head = point.split(":")
-        head = head[0] if head else "generative"
-        run = out / f"rows{per_cat}-ep{epochs}" if head == "generative" else out / f"rows{per_cat}-ep{epochs}-{head}"
+        per_cat, epochs, batch, lr, head, run = parse_point(point, out)
+        augment = ["--augment", "typos:" + head.split("=", 1)[1]] if head.startswith("typos=") else []
         split_flags = ["--split-by", args.split_by, "--test-fraction", args.test_fraction] if args.split_by \
             else ["--test-fraction", "0"]
         wall_file = run / "curve_train_seconds.json"
         if not (run / "eval" / "eval.json").is_file():
             train_s = qwen_ft("train", "--model", args.model, "--data", args.data, *split_flags,
-                              "--head", "classification" if head == "head" else "generative",
+                              "--head", "classification" if head == "head" else "generative", *augment,
                               "--val-fraction", args.val_fraction, "--max-train-samples-per-category", per_cat,
                               "--epochs", epochs, "--batch-size", batch, "--learning-rate", lr,
                               "--max-length", args.max_length, "--early-stopping-patience", "0",
@@ -87,8 +87,19 @@ def main(argv=None) -> int:
         rows.append(figures(run, per_cat, epochs, batch, lr))
         rows[-1]["head"] = head
         print_row(rows[-1], flush=True)
+    result = {"cpu": f"{_cpu_name()}; {cpu_isa()}", "threads": os.environ.get("QWEN_FT_THREADS"), "points": rows}
+    if not args.skip_untrained:
+        result["untrained"] = untrained_row(args, out, log)
+    print("cpu:", result["cpu"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def untrained_row(args, out: Path, log: Path) -> dict:
+    """The untrained model, scored with the first point's prompt on the same validation (and test) rows."""
     base = out / "untrained"
-    first = out / f"rows{args.points.split(',')[0].split(':')[0]}-ep{args.points.split(',')[0].split(':')[1]}"
+    first = parse_point(args.points.split(",")[0], out)[-1]
     if not (base / "eval.json").is_file():
         qwen_ft("validate", "--model-path", str(first), "--baseline", "--output-dir", str(base), log=log)
     if args.split_by and not (out / "untrained-test" / "eval.json").is_file():
@@ -96,12 +107,15 @@ def main(argv=None) -> int:
                 str(out / "untrained-test"), log=log)
     untrained = figures(first, "0", "-", "-", "-", eval_dir=base)
     print_row(untrained)
-    result = {"cpu": f"{_cpu_name()}; {cpu_isa()}", "threads": os.environ.get("QWEN_FT_THREADS"), "untrained": untrained,
-              "points": rows}
-    print("cpu:", result["cpu"])
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    return untrained
+
+
+def parse_point(point: str, out: Path) -> tuple[str, str, str, str, str, Path]:
+    """`ROWS:EPOCHS:BATCH:LR[:head|:typos=RATE]` -> its fields, the kind of run, and its run folder."""
+    per_cat, epochs, batch, lr, *kind = point.split(":")
+    kind = kind[0] if kind else "generative"
+    suffix = "" if kind == "generative" else "-" + kind.replace("=", "")
+    return per_cat, epochs, batch, lr, kind, out / f"rows{per_cat}-ep{epochs}{suffix}"
 
 
 def figures(run: Path, per_cat, epochs, batch, lr, eval_dir: Path | None = None) -> dict:
