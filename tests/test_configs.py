@@ -8,12 +8,26 @@ import pytest
 
 from qwen_ft.study.config import load_study_config
 
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+ALL = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+TRAIN = [p for p in ALL if p.read_text().startswith("# qwen-ft train ")]  # one run's recipe, not a study
+CONFIGS = [p for p in ALL if p not in TRAIN]
 
 
 def test_configs_exist():
     names = {p.name for p in CONFIGS}
     assert {"demo.yaml", "training_config.yaml", "model_config.yaml", "csqa_cpu.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", TRAIN, ids=lambda p: p.name)
+def test_shipped_train_recipe_loads_and_states_what_it_measured(path):
+    import yaml
+
+    from qwen_ft.config import TrainConfig, build
+
+    text = path.read_text()
+    cfg = build(TrainConfig, yaml.safe_load(text), str(path))  # unknown keys -> the same error `train` gives
+    assert cfg.train.output_dir and cfg.model.model
+    assert "Measured" in text and "%" in text  # the figures it was shipped with, next to it
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

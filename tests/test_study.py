@@ -115,6 +115,10 @@ def test_study_end_to_end_outputs(study_dir):
         trials = _trials(study_dir, opt)
         assert [t["k"] for t in trials] == [0, 1] and {t["steps"] for t in trials} == {3}  # same count, same budget
         assert all(t["n"] == 8 for t in trials)  # scored on the tuning split
+        for t in trials:  # the run's time is split into parts that add up, none counted twice
+            parts = t["train_seconds"] - t["in_loop_eval_s"], t["in_loop_eval_s"], t["overhead_s"]
+            # (the overhead also holds scoring's set-up, outside the scoring clock: >=, not ==)
+            assert min(parts) >= -0.02 and sum(parts) >= t["trained_s"] - 0.05
         lo, hi = (1e-3, 1e-2) if opt == "adamw" else (0.01, 0.5)
         assert all(lo <= t["params"]["learning_rate"] <= hi for t in trials)
         assert len({t["params"]["learning_rate"] for t in trials}) == 2  # quasirandom points differ
