@@ -267,6 +267,36 @@ def test_two_workers_share_the_trials(tiny_qwen3, tmp_path):
     assert sorted(t["k"] for t in _trials(out, "adamw")) == [0, 1, 2, 3]
 
 
+def test_a_trial_claimed_by_another_worker_waits_for_it_instead_of_failing(tiny_qwen3, tmp_path):
+    """A worker that pops a trial whose claim another process holds (a copy queued again after its heartbeat
+    went stale) keeps it queued and runs it once the claim is free - no error exit, no trial left out."""
+    import subprocess
+    import sys
+    import time
+
+    from filelock import FileLock
+
+    out = tmp_path / "w"
+    path = _config(tiny_qwen3, out, "protocol: {trials: 2, final_seeds: [1], tune_rows: 8, trial_max_steps: 2, "
+                                    "eval_steps: 2, final_max_steps: 2}\n")
+    assert subprocess.run([sys.executable, "-m", "qwen_ft", "study", "--config", str(path), "--phases", "data"],
+                          capture_output=True).returncode == 0
+    (out / "trials" / "adamw").mkdir(parents=True)
+    claim = FileLock(str(out / "trials" / "adamw" / ".trial-0.claim"))  # as another worker running trial 0
+    claim.acquire()
+    worker = subprocess.Popen([sys.executable, "-m", "qwen_ft", "study", "--config", str(path), "--phases", "train",
+                               "--optimizers", "adamw"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "trials" / "adamw" / "trial-1" / "trial.json").is_file():
+        time.sleep(0.5)
+    assert worker.poll() is None  # trial 1 done, trial 0 still waiting for its claim: the worker did not leave
+    claim.release()
+    log = worker.communicate(timeout=600)[0]
+    assert worker.returncode == 0, log[-3000:]
+    assert "being run by another worker" in log
+    assert sorted(t["k"] for t in _trials(out, "adamw")) == [0, 1]
+
+
 def test_study_config_errors(tiny_qwen3, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"model: {{model: {tiny_qwen3}}}\noptimizers:\n  '../../victim': {{}}\n")

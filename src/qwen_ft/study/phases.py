@@ -515,7 +515,17 @@ def tune(study: Study, opt: str) -> dict:
         elapsed = time.time() - started
         eta = f", ~{elapsed / done * (p.trials - done) / 60:.0f} min left for {opt}" if done else ""
         log.info("trial %d/%d of %s: %s%s", k + 1, p.trials, opt, _fmt_params(params), eta)
-        rec = run_trial(study, opt, k, params)
+        try:
+            rec = run_trial(study, opt, k, params)
+        except _TrialTakenElsewhere as e:  # a copy queued again while its first worker still runs it
+            # keep it queued until that worker lets go of the claim (finished: its trial.json is read back,
+            # not trained again; killed: the claim is freed with the process and the trial runs here), so
+            # that no worker leaves the loop, and picks its finals, with this trial unfinished
+            log.info("%s; waiting for it", e)
+            trial.set_user_attr("spare", True)
+            ost.enqueue_trial(params, user_attrs={"k": k})
+            time.sleep(HEARTBEAT_S / 2)  # not a busy loop on the storage
+            raise optuna.TrialPruned(str(e)) from None
         return rec["score"]
 
     while True:
@@ -531,8 +541,29 @@ def tune(study: Study, opt: str) -> dict:
                      "heartbeat is %ds old)", opt, 3 * HEARTBEAT_S)
             time.sleep(HEARTBEAT_S)
             continue
-        ost.optimize(objective, n_trials=1, catch=())
+        try:
+            ost.optimize(objective, n_trials=1, catch=())
+        except (optuna.exceptions.UpdateFinishedTrialError, _sqlite_busy()) as e:
+            if not isinstance(e, optuna.exceptions.UpdateFinishedTrialError) and "locked" not in str(e):
+                raise
+            # SQLite under several workers: a lock upgrade refused at once ("database is locked"), or this
+            # worker's trial failed as stale by another while it ran. The trial's own record is its
+            # trial.json; an Optuna trial left behind is failed as stale, queued again and, on its next pop,
+            # read back from that record without training again.
+            log.info("%s: the Optuna storage refused an update (%s: %s); retrying", opt, type(e).__name__,
+                     str(e).splitlines()[0][:120])
+            time.sleep(1)
     return _finished_trials(study, opt)
+
+
+class _TrialTakenElsewhere(Exception):
+    """The trial popped is being run by another worker, which holds its claim."""
+
+
+def _sqlite_busy() -> type[Exception]:
+    from sqlalchemy.exc import OperationalError
+
+    return OperationalError
 
 
 def _requeue_failed(ost) -> None:
@@ -560,7 +591,8 @@ def run_trial(study: Study, opt: str, k: int, params: dict) -> dict:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise UserError(f"trial {k} of {opt} is being run by another worker (lock {lock.lock_file})") from None
+        raise _TrialTakenElsewhere(f"trial {k} of {opt} is being run by another worker (lock {lock.lock_file})") \
+            from None
     try:
         rec = _read_json(out / "trial.json")
         if rec is not None and rec.get("hash") == h and not study.force:
