@@ -461,12 +461,17 @@ def _storage(study: Study):
     # SQLite: workers that open or write the file at once wait for its lock (sqlite3's default 5 s ran out
     # for a second worker on a loaded machine: "database is locked")
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
-                                          grace_period=3 * HEARTBEAT_S)
-    except Exception as e:  # a bad URL, a missing driver, an unreachable server
-        raise UserError(f"cannot open the Optuna storage {url}: {type(e).__name__}: {e}",
-                        "Check protocol.storage (e.g. sqlite:///study.db or postgresql://user@host/db).") from None
+    for attempt in range(10):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
+                                              grace_period=3 * HEARTBEAT_S)
+        except Exception as e:  # a bad URL, a missing driver, an unreachable server
+            if "database is locked" in str(e) and attempt < 9:  # two workers creating one SQLite schema at once
+                time.sleep(1)
+                continue
+            raise UserError(f"cannot open the Optuna storage {url}: {type(e).__name__}: {e}",
+                            "Check protocol.storage (e.g. sqlite:///study.db or postgresql://user@host/db).") \
+                from None
 
 
 def _optuna_study(study: Study, opt: str, points: list[dict]):
@@ -498,6 +503,7 @@ def tune(study: Study, opt: str) -> dict:
     """Every trial of `opt`, through Optuna; returns {k: trial.json record} of the finished trials."""
     import optuna
     from optuna.trial import TrialState
+    from sqlalchemy.exc import OperationalError  # optuna's storage layer: already imported with it
 
     p, entry = study.cfg.protocol, study.cfg.optimizers[opt]
     points = qmc_points(entry, p.trials, study.cfg.seed, p.sampler)
@@ -543,8 +549,8 @@ def tune(study: Study, opt: str) -> dict:
             continue
         try:
             ost.optimize(objective, n_trials=1, catch=())
-        except (optuna.exceptions.UpdateFinishedTrialError, _sqlite_busy()) as e:
-            if not isinstance(e, optuna.exceptions.UpdateFinishedTrialError) and "locked" not in str(e):
+        except (optuna.exceptions.UpdateFinishedTrialError, OperationalError) as e:
+            if isinstance(e, OperationalError) and "locked" not in str(e):
                 raise
             # SQLite under several workers: a lock upgrade refused at once ("database is locked"), or this
             # worker's trial failed as stale by another while it ran. The trial's own record is its
@@ -558,12 +564,6 @@ def tune(study: Study, opt: str) -> dict:
 
 class _TrialTakenElsewhere(Exception):
     """The trial popped is being run by another worker, which holds its claim."""
-
-
-def _sqlite_busy() -> type[Exception]:
-    from sqlalchemy.exc import OperationalError
-
-    return OperationalError
 
 
 def _requeue_failed(ost) -> None:
