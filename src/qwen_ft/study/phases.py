@@ -26,6 +26,7 @@ Study folder layout (`output_dir`):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -456,22 +457,25 @@ def _storage(study: Study):
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
     url = study.cfg.protocol.storage or f"sqlite:///{(study.cfg.out / 'optuna.db').resolve()}"
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     # SQLite: workers that open or write the file at once wait for its lock (sqlite3's default 5 s ran out
     # for a second worker on a loaded machine: "database is locked")
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
-    for attempt in range(10):
-        try:
+    opening = contextlib.nullcontext()
+    if url.startswith("sqlite:///"):
+        from filelock import FileLock
+
+        db = Path(url[len("sqlite:///"):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        # workers that start together would each create the schema, and one of them fail on the other's
+        # tables ("table alembic_version already exists", or "database is locked"): one opens it at a time
+        opening = FileLock(str(db.parent / f".{db.name}.open.lock"), timeout=300)
+    try:
+        with opening:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
                                               grace_period=3 * HEARTBEAT_S)
-        except Exception as e:  # a bad URL, a missing driver, an unreachable server
-            if "database is locked" in str(e) and attempt < 9:  # two workers creating one SQLite schema at once
-                time.sleep(1)
-                continue
-            raise UserError(f"cannot open the Optuna storage {url}: {type(e).__name__}: {e}",
-                            "Check protocol.storage (e.g. sqlite:///study.db or postgresql://user@host/db).") \
-                from None
+    except Exception as e:  # a bad URL, a missing driver, an unreachable server, a lock that never came free
+        raise UserError(f"cannot open the Optuna storage {url}: {type(e).__name__}: {e}",
+                        "Check protocol.storage (e.g. sqlite:///study.db or postgresql://user@host/db).") from None
 
 
 def _optuna_study(study: Study, opt: str, points: list[dict]):
