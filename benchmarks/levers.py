@@ -27,11 +27,19 @@ from pathlib import Path
 import torch
 from peft.helpers import disable_input_dtype_casting
 
+from qwen_ft import attention
 from qwen_ft.config import DataArgs, LoraArgs
 from qwen_ft.data.prepare import prepare
 from qwen_ft.encoding import PromptEncoder
 from qwen_ft.engine import Classifier
-from qwen_ft.models import apply_lora, compiled_blocks, load_model, load_tokenizer, resolve_model
+from qwen_ft.models import (
+    apply_lora,
+    compiled_blocks,
+    frozen_in_compute_dtype,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
 from qwen_ft.scoring import Counts, greedy_trie, suffix_pass
 from qwen_ft.training import LeftPadCollator, answer_loss
 
@@ -49,20 +57,24 @@ def train_batches(encoder, rows, batch_size: int, n: int, seed: int = 0) -> list
 
 class TrainVariant:
     def __init__(self, name, path, weights, autocast, dropout, keep_logits=True, cast_lora_input=True,
-                 compiled=False):
+                 compiled=False, frozen_bf16=False, matmul_attention=False):
         self.name, self.autocast, self.keep_logits = name, autocast, keep_logits
         self.cast_lora_input = cast_lora_input
         torch.manual_seed(0)
         model = load_model(path, weights)
+        if matmul_attention:
+            attention.use_on(model)
         self.model = apply_lora(model, LoraArgs(rank=16, alpha=32, dropout=dropout))
         self.model.train()
         self.compiled = ExitStack()
         if compiled:
             self.compiled.enter_context(compiled_blocks(self.model))
+        if frozen_bf16:  # the training default on CPU: frozen linears held in bf16 for the whole run
+            self.compiled.enter_context(frozen_in_compute_dtype(self.model, torch.bfloat16))
         self.first_step_s = None
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=1e-4)
-        self.times, self.tokens = [], []
+        self.times, self.tokens, self.losses = [], [], []
 
     def step(self, batch: dict) -> None:
         batch = dict(batch)
@@ -84,6 +96,7 @@ class TrainVariant:
         self.opt.zero_grad(set_to_none=True)
         self.times.append(time.perf_counter() - t0)
         self.tokens.append(int(batch["attention_mask"].sum()))
+        self.losses.append(loss.item())
 
 
 def bench_training(path, encoder, rows, steps: int, batch_size: int, only: str | None = None) -> dict:
@@ -91,14 +104,20 @@ def bench_training(path, encoder, rows, steps: int, batch_size: int, only: str |
         ("fp32, dropout 0.05", path, torch.float32, False, 0.05),
         ("fp32, dropout 0", path, torch.float32, False, 0.0),
         ("bf16 autocast / fp32 weights, dropout 0.05", path, torch.float32, True, 0.05),
-        ("bf16 autocast / fp32 weights, dropout 0 (current default)", path, torch.float32, True, 0.0),
+        ("bf16 autocast / fp32 weights, dropout 0", path, torch.float32, True, 0.0),
+        ("bf16 autocast / fp32 weights, frozen linears held in bf16, dropout 0 (current default)", path,
+         torch.float32, True, 0.0, {"frozen_bf16": True}),
         ("bf16 autocast / fp32 weights, dropout 0, logits at every position", path, torch.float32,
          True, 0.0, {"keep_logits": False}),
         ("bf16 weights (LoRA fp32) + autocast, dropout 0", path, torch.bfloat16, True, 0.0),
         ("bf16 weights (LoRA fp32) + autocast, dropout 0, LoRA input not cast to fp32", path,
          torch.bfloat16, True, 0.0, {"cast_lora_input": False}),
+        ("bf16 autocast / fp32 weights, frozen linears held in bf16, dropout 0, matmul attention", path,
+         torch.float32, True, 0.0, {"frozen_bf16": True, "matmul_attention": True}),
         ("bf16 autocast / fp32 weights, dropout 0, compiled MLP + norms", path, torch.float32, True, 0.0,
          {"compiled": True}),
+        ("bf16 autocast / fp32 weights, frozen linears held in bf16, dropout 0, compiled MLP + norms", path,
+         torch.float32, True, 0.0, {"compiled": True, "frozen_bf16": True}),
     ]
     variants = [TrainVariant(*spec[:5], **(spec[5] if len(spec) > 5 else {})) for spec in specs
                 if only is None or any(part in spec[0] for part in only.split("|"))]
@@ -112,6 +131,8 @@ def bench_training(path, encoder, rows, steps: int, batch_size: int, only: str |
             v.step(b)
     out = {v.name: round(sum(v.tokens) / sum(v.times), 1) for v in variants}
     out["first step s (includes compiling)"] = {v.name: v.first_step_s for v in variants}
+    # same seed, same batches: a lever that only moves casts must give the very same losses
+    out["losses"] = {v.name: [round(x, 6) for x in v.losses] for v in variants}
     return out
 
 

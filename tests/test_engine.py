@@ -298,7 +298,8 @@ def test_packing_only_where_the_custom_mask_is_honoured(tiny_model):
     from qwen_ft.engine import _can_pack
 
     cpu = torch.device("cpu")
-    assert tiny_model.config._attn_implementation == "sdpa" and _can_pack(tiny_model, cpu)
+    # loaded with the default attention: the CPU matmul attention, which honours the mask as sdpa does
+    assert tiny_model.config._attn_implementation == "qwen_ft_cpu" and _can_pack(tiny_model, cpu)
 
     def model(**config):
         return SimpleNamespace(config=SimpleNamespace(**{"_attn_implementation": "sdpa", **config}))

@@ -154,7 +154,10 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torc
     its language-model head (sequence classification, pooled on the last token that is not `pad_token_id`)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
+    # use_kernels=False: transformers >= 5.2x swaps layers (RMSNorm...) for Hugging Face Hub kernels whenever the
+    # `kernels` package is installed - binaries fetched from the Hub that no flag of ours asked for - and swaps
+    # them back on mode changes, which also undid --torch-compile's compiled norms in the middle of training
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True, "use_kernels": False}
     if attn_implementation:
         check_attention(attn_implementation)  # the model may load on the CPU and move to the GPU later
         kwargs["attn_implementation"] = attn_implementation
@@ -171,6 +174,10 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torc
             raise
         raise _load_error("the model", path, e, "The weights do not fit the config, or a file is damaged: "
                           "check the model folder, or download it again.") from None
+    if not attn_implementation:  # the default: sdpa, with matmul attention for the CPU's short rows
+        from qwen_ft import attention
+
+        attention.use_on(model)
     return model.to(device)
 
 
@@ -282,6 +289,53 @@ def check_adapter_matches(run_dir: Path, config) -> None:
 def base_shape(config) -> dict:
     keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
     return {k: getattr(config, k, None) for k in keys}
+
+
+@contextlib.contextmanager
+def frozen_in_compute_dtype(model, dtype: torch.dtype | None):
+    """Within: every frozen linear weight (the base model's projections under LoRA, and the output head) is held
+    in `dtype`, the autocast dtype, while the embeddings, norms, LoRA weights and anything trained stay fp32.
+
+    Autocast casts a frozen fp32 weight to bf16 on every forward pass (it caches only weights that require
+    grad), and the input of each LoRA branch is cast to fp32 by peft and back to bf16 by autocast: ~25 % of a
+    CPU training step went to those copies. A weight held in bf16 is the very tensor autocast would have
+    made, and the LoRA input round trip is exact, so the forward and backward passes compute the same values
+    bit for bit (`tests/test_train_speed.py`). The output head, tied to the (fp32) input embedding, gets its
+    own bf16 copy here, and its input is made contiguous: a sliced (`logits_to_keep`) 3-D input times a weight
+    that needs no grad makes `torch.matmul` broadcast the 49k x 576 weight to every row (a 228 MB copy per
+    step). On exit the fp32 weights (and the tie) are back, so what the caller holds afterwards is unchanged.
+    `dtype` None or fp32: nothing changes."""
+    if dtype is None or dtype == torch.float32:
+        yield
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    swapped, casting = [], []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            for name in ("weight", "bias"):
+                param = getattr(module, name, None)
+                if isinstance(param, torch.nn.Parameter) and not param.requires_grad and param.dtype == torch.float32:
+                    swapped.append((module, name, param))
+                    setattr(module, name, torch.nn.Parameter(param.detach().to(dtype), requires_grad=False))
+        if isinstance(module, BaseTunerLayer):
+            casting.append((module, module.cast_input_dtype_enabled))
+            module.cast_input_dtype_enabled = False
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    hook = head.register_forward_pre_hook(_contiguous_input) if isinstance(head, torch.nn.Module) else None
+    try:
+        yield
+    finally:
+        if hook is not None:
+            hook.remove()
+        for module, flag in casting:
+            module.cast_input_dtype_enabled = flag
+        for module, name, param in swapped:
+            setattr(module, name, param)
+
+
+def _contiguous_input(module, args):
+    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
 
 
 @contextlib.contextmanager

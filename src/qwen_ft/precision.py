@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 
 import torch
 
@@ -41,8 +43,35 @@ def configure_threads() -> int:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         n = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     torch.set_num_threads(n)
+    tune_allocator()
     _threads_set = n
     return n
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def tune_allocator() -> bool:
+    """CPU, glibc: keep freed memory in the process instead of handing it back to the system at once.
+
+    A forward pass allocates and frees tensors of several MB per layer; glibc serves each one above its mmap
+    threshold with a fresh mapping, or trims the heap top after a free, so the next pass faults every page in
+    again, zero-filled (a third of the step was system time; an elementwise op on a fresh 5 MB tensor ran at
+    1-2 GB/s). Fixed thresholds (32 MB, the largest glibc takes, and no trimming below 1 GB of free heap)
+    keep the pages: constrained validation 12-14 -> 15 samples/s, training steps ~1.1x on an AVX512-BF16
+    EPYC (`benchmarks/levers.py`); tcmalloc preloaded (`LD_PRELOAD=libtcmalloc_minimal.so.4`) did about as
+    well. Peak memory is unchanged (the same tensors are live at the peak); the process just keeps its
+    high-water mark. QWEN_FT_MALLOC=system leaves glibc's defaults. Returns whether it applied."""
+    if torch.cuda.is_available() or os.environ.get("QWEN_FT_MALLOC") == "system" \
+            or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return all(libc.mallopt(param, value) == 1 for param, value in
+               ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20)))
 
 
 def resolve_precision(precision: str) -> str:

@@ -47,12 +47,13 @@ from qwen_ft.models import (
     check_attention,
     compiled_blocks,
     count_parameters,
+    frozen_in_compute_dtype,
     load_config,
     load_model,
     load_tokenizer,
     resolve_model,
 )
-from qwen_ft.precision import resolve_precision
+from qwen_ft.precision import inference_dtype, resolve_precision
 from qwen_ft.runs import (
     OutputPlan,
     RunDir,
@@ -376,7 +377,9 @@ def _train(r: Resolved, prepared: Prepared, plan: OutputPlan, base_model, callba
     trainer = _build_trainer(cfg, run, model, tokenizer, train_ds, val_ds, precision, [timer, *callbacks])
     triggers = next(c for c in trainer.callback_handler.callbacks if isinstance(c, CheckpointTriggers))
     t0 = time.time()
-    with compiled_blocks(model, cfg.train.torch_compile):
+    # on CPU the frozen weights are held in the autocast dtype for the run (the same values, no per-step casts)
+    held = inference_dtype(precision) if not dist.use_cuda() else None
+    with compiled_blocks(model, cfg.train.torch_compile), frozen_in_compute_dtype(model, held):
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_time = time.time() - t0
     if triggers.signal is not None and trainer.state.global_step < trainer.state.max_steps:
