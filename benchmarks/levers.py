@@ -5,11 +5,13 @@
 
 Training: tokens/s of LoRA training steps on the same length-grouped batches for
 fp32 / bf16 autocast over fp32 weights / bf16 weights (LoRA fp32), LoRA dropout 0 vs 0.05, and
-logits for the answer positions only vs every position, and each layer's MLP + norms compiled
+logits for the answer positions only vs every position, frozen linears held in bf16
+(`models.frozen_in_compute_dtype`, the default on CPU: the same losses bit for bit), sdpa vs the default CPU
+matmul attention (`qwen_ft.attention`), and each layer's MLP + norms compiled
 (`models.compiled_blocks`, the `--torch-compile` path; the first step's seconds, compiling included, are
 printed too; the whole model compiled measured 209.9 tokens/s after 165 s compiling, vs 251.7 for the
 blocks). Validation: samples/s of exact scoring vs the fast trie decode, with and without the
-shared-prefix KV cache, bf16 vs fp32 weights, batch sizes; all through the inference engine
+shared-prefix KV cache, bf16 vs fp32 weights, sdpa vs the matmul attention, batch sizes; all through the inference engine
 (`engine.Classifier`), except the decode without the shared prefix, which the engine always shares: that
 one runs scoring.py's stateless kernels over the whole prompts, on the engine's batch plan.
 """
@@ -27,7 +29,6 @@ from pathlib import Path
 import torch
 from peft.helpers import disable_input_dtype_casting
 
-from qwen_ft import attention
 from qwen_ft.config import DataArgs, LoraArgs
 from qwen_ft.data.prepare import prepare
 from qwen_ft.encoding import PromptEncoder
@@ -57,13 +58,12 @@ def train_batches(encoder, rows, batch_size: int, n: int, seed: int = 0) -> list
 
 class TrainVariant:
     def __init__(self, name, path, weights, autocast, dropout, keep_logits=True, cast_lora_input=True,
-                 compiled=False, frozen_bf16=False, matmul_attention=False):
+                 compiled=False, frozen_bf16=False, attn="sdpa"):
         self.name, self.autocast, self.keep_logits = name, autocast, keep_logits
         self.cast_lora_input = cast_lora_input
         torch.manual_seed(0)
-        model = load_model(path, weights)
-        if matmul_attention:
-            attention.use_on(model)
+        # attn None: the package default (qwen_ft.attention's matmul attention on the CPU, sdpa beyond it)
+        model = load_model(path, weights, attn_implementation=attn)
         self.model = apply_lora(model, LoraArgs(rank=16, alpha=32, dropout=dropout))
         self.model.train()
         self.compiled = ExitStack()
@@ -105,19 +105,19 @@ def bench_training(path, encoder, rows, steps: int, batch_size: int, only: str |
         ("fp32, dropout 0", path, torch.float32, False, 0.0),
         ("bf16 autocast / fp32 weights, dropout 0.05", path, torch.float32, True, 0.05),
         ("bf16 autocast / fp32 weights, dropout 0", path, torch.float32, True, 0.0),
-        ("bf16 autocast / fp32 weights, frozen linears held in bf16, dropout 0 (current default)", path,
+        ("bf16 autocast / fp32 weights, frozen linears held in bf16, dropout 0, sdpa", path,
          torch.float32, True, 0.0, {"frozen_bf16": True}),
+        ("bf16 autocast / fp32 weights, frozen linears held in bf16, dropout 0, matmul attention (current default)",
+         path, torch.float32, True, 0.0, {"frozen_bf16": True, "attn": None}),
         ("bf16 autocast / fp32 weights, dropout 0, logits at every position", path, torch.float32,
          True, 0.0, {"keep_logits": False}),
         ("bf16 weights (LoRA fp32) + autocast, dropout 0", path, torch.bfloat16, True, 0.0),
         ("bf16 weights (LoRA fp32) + autocast, dropout 0, LoRA input not cast to fp32", path,
          torch.bfloat16, True, 0.0, {"cast_lora_input": False}),
-        ("bf16 autocast / fp32 weights, frozen linears held in bf16, dropout 0, matmul attention", path,
-         torch.float32, True, 0.0, {"frozen_bf16": True, "matmul_attention": True}),
         ("bf16 autocast / fp32 weights, dropout 0, compiled MLP + norms", path, torch.float32, True, 0.0,
          {"compiled": True}),
-        ("bf16 autocast / fp32 weights, frozen linears held in bf16, dropout 0, compiled MLP + norms", path,
-         torch.float32, True, 0.0, {"compiled": True, "frozen_bf16": True}),
+        ("bf16 autocast / fp32 weights, frozen linears held in bf16, dropout 0, matmul attention, compiled MLP + "
+         "norms", path, torch.float32, True, 0.0, {"compiled": True, "frozen_bf16": True, "attn": None}),
     ]
     variants = [TrainVariant(*spec[:5], **(spec[5] if len(spec) > 5 else {})) for spec in specs
                 if only is None or any(part in spec[0] for part in only.split("|"))]
@@ -154,7 +154,8 @@ def decode_unshared(engine: Classifier, rows: list[dict], batch_size: int) -> li
 
 
 def bench_eval(path, encoder, rows, rounds: int) -> dict:
-    models = {"bf16": load_model(path, torch.bfloat16).eval(), "fp32": load_model(path, torch.float32).eval()}
+    models = {"bf16": load_model(path, torch.bfloat16).eval(), "fp32": load_model(path, torch.float32).eval(),
+              "bf16 sdpa": load_model(path, torch.bfloat16, attn_implementation="sdpa").eval()}
     # one engine per weight dtype, built (instruction KV cache included) before any timing
     engines = {dtype: Classifier(m, encoder, dtype, {"model_path": str(path)}) for dtype, m in models.items()}
     cases = [
@@ -164,6 +165,7 @@ def bench_eval(path, encoder, rows, rounds: int) -> dict:
         ("trie decode, bf16, batch 8, shared prefix", "bf16", "constrained", 8, True),
         ("trie decode, bf16, batch 16, shared prefix", "bf16", "constrained", 16, True),
         ("trie decode, bf16, batch 32, shared prefix", "bf16", "constrained", 32, True),
+        ("trie decode, bf16, batch 32, shared prefix, sdpa attention", "bf16 sdpa", "constrained", 32, True),
         ("trie decode, bf16, batch 64, shared prefix", "bf16", "constrained", 64, True),
     ]
     out: dict[str, list[float]] = {c[0]: [] for c in cases}
@@ -180,6 +182,9 @@ def bench_eval(path, encoder, rows, rounds: int) -> dict:
             preds[name] = res
     result = {k: round(statistics.median(v), 2) for k, v in out.items()}
     base = preds["trie decode, bf16, batch 32, shared prefix"]
+    result["agreement of sdpa with the default matmul attention"] = round(
+        sum(a == b for a, b in zip(base, preds["trie decode, bf16, batch 32, shared prefix, sdpa attention"]))
+        / len(base), 3)
     result["agreement with 'exact score' (untrained model)"] = round(
         sum(a == b for a, b in zip(base, preds["exact score, bf16, batch 16"])) / len(base), 3)
     return result

@@ -80,7 +80,9 @@ def main() -> None:
             _, stats = engine.classify(rows, decode="constrained", batch_size=a.eval_batch_size)
         seconds, tokens, what = time.perf_counter() - t0, stats["computed_tokens"], {"eval_rows": len(rows)}
     else:
-        variant = TrainVariant("defaults", path, torch.float32, precision == "bf16", 0.0)
+        # the package's defaults: frozen linears held in bf16 (on CPU), the default attention
+        variant = TrainVariant("defaults", path, torch.float32, precision == "bf16", 0.0,
+                               frozen_bf16=precision == "bf16" and not torch.cuda.is_available(), attn=None)
         config = variant.model.config
         batches = train_batches(encoder, prepared.splits["train"], a.batch_size, a.steps + 1)
         variant.step(batches[0])  # warm-up
