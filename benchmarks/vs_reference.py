@@ -474,6 +474,8 @@ def markdown(s: dict) -> str:
                f"{s['spec']['max_samples_per_category']} rows/category, {s['spec']['num_val_samples']} validation "
                f"rows; {env['device']} [{env.get('isa', '?')}], {env['threads']} threads, torch {env['torch']}; "
                f"load average before {env['load_before']}, after {env['load_after']}.")
+    if env.get("reference_from"):
+        out.append(f"Reference pipeline: the result of an earlier run on this machine ({env['reference_from']}).")
     out.append("Targets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in s["targets_met"].items()))
     return "\n".join(out)
 
@@ -492,6 +494,10 @@ def main(argv=None) -> int:
     p.add_argument("--peak-seconds", type=float, default=1.5, help="Time per shape of the matmul-peak probe.")
     p.add_argument("--threads", type=int, default=None, help="torch threads in both workers (default: torch's).")
     p.add_argument("--only", choices=("reference", "ours"), default=None, help="Run one pipeline (debugging).")
+    p.add_argument("--reference-from", default=None, metavar="WORKDIR",
+                   help="Reuse the reference pipeline's result of an earlier run on this machine (its --workdir, "
+                        "same model, data, rows, budget and threads) instead of running it again: its code "
+                        "does not change with qwen-ft's, and it takes ~6 minutes on a 2-core CPU.")
     p.add_argument("--ours-override", action="append", default=[], metavar="KEY=VALUE",
                    help="Extra config for our pipeline, e.g. lora.dropout=0.05 (for lever measurements).")
     p.add_argument("--validate-override", action="append", default=[], metavar="KEY=VALUE",
@@ -520,13 +526,14 @@ def main(argv=None) -> int:
     spec = {"model": a.model, "data": data, "task": a.task, "max_samples_per_category": a.max_samples_per_category,
             "num_val_samples": n_val, "budget_s": a.budget_s, "peak_seconds": a.peak_seconds, "max_length": a.max_length, "threads": a.threads,
             "workdir": str(work), "ours_overrides": _kv(a.ours_override), "validate_overrides": _kv(a.validate_override)}
+    earlier = _earlier_reference(Path(a.reference_from), spec) if a.reference_from else None  # before any write
     (work / "spec.json").write_text(json.dumps(spec))
     env = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name(),
            "isa": cpu_isa(), "threads": a.threads or torch.get_num_threads(), "torch": torch.__version__,
-           "load_before": _load()}
-    results = {}
+           "load_before": _load(), **({"reference_from": a.reference_from} if earlier is not None else {})}
+    results = {"reference": earlier} if earlier is not None else {}
     for which in ("reference", "ours"):
-        if a.only and which != a.only:
+        if (a.only and which != a.only) or which in results:
             continue
         out = work / f"{which}.json"
         print(f"== {which}: training for up to {a.budget_s:.0f}s, then validating {n_val} rows", flush=True)
@@ -548,6 +555,27 @@ def main(argv=None) -> int:
     if a.markdown:
         Path(a.markdown).write_text(table + "\n")
     return 0
+
+
+def _earlier_reference(workdir: Path, spec: dict) -> dict:
+    """The reference result of an earlier run, if that run measured the same thing."""
+    try:
+        earlier = json.loads((workdir / "spec.json").read_text())
+        result = json.loads((workdir / "reference.json").read_text())
+    except (OSError, ValueError) as e:
+        _fail(f"--reference-from {workdir}: no reference result there ({e}); run without it")
+    keys = ("model", "data", "task", "max_samples_per_category", "num_val_samples", "budget_s", "max_length",
+            "threads")
+    differs = [k for k in keys if earlier.get(k) != spec.get(k)]
+    if differs:
+        _fail(f"--reference-from {workdir}: that run measured another setting ({', '.join(differs)}); "
+              "run without it, or with the same flags")
+    return result
+
+
+def _fail(message: str):
+    print(f"vs_reference: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _kv(items: list[str]) -> dict:

@@ -39,6 +39,11 @@ def test_benchmark_script_end_to_end(tiny_qwen3, tmp_path):
     table = out_md.read_text()
     assert "| metric | reference recipe | qwen-ft defaults | ours / reference |" in table
     assert "MFU" in table and "Validation samples/s" in table
+    # --reference-from reuses that reference only for the same setting: another budget is refused, exit 2
+    other = [*cmd[:cmd.index("--budget-s") + 1], "2", *cmd[cmd.index("--budget-s") + 2:],
+             "--reference-from", str(tmp_path / "work")]
+    proc = subprocess.run(other, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "measured another setting (budget_s)" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_profile_and_levers_scripts_run(tiny_qwen3, tmp_path):
