@@ -41,10 +41,13 @@ def matmul_attention(module, query, key, value, attention_mask, dropout: float =
                                       is_causal=is_causal, **kwargs)
     g = h // hkv
     scale = d ** -0.5 if scaling is None else scaling
-    if attention_mask is None:  # the queries are the last tq of the tk positions
+    if attention_mask is None:  # causal: the queries are the last tq of the tk positions
+        if not (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
+            return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
+                                          is_causal=is_causal, **kwargs)
         attention_mask = torch.ones(tq, tk, dtype=torch.bool, device=query.device).tril(tk - tq)
-    else:
-        attention_mask = attention_mask[:, :, None]  # [B, 1, 1, Tq, Tk] against scores [B, Hkv, g, Tq, Tk]
+    else:  # [B, 1, 1, Tq, Tk] against scores [B, Hkv, g, Tq, Tk]
+        attention_mask = attention_mask[:, :, None, :, :tk]
     with torch.autocast(query.device.type, enabled=False):
         # the g query heads of a key/value head (consecutive, as transformers' repeat_kv orders them) as rows
         q = query.reshape(b, hkv, g * tq, d).float() * scale
