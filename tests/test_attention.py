@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 
 from qwen_ft import attention
@@ -101,11 +100,10 @@ def test_large_score_matrices_fall_back_to_sdpa_exactly(monkeypatch):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("impl", ["eager"])
-def test_only_the_default_sdpa_is_switched(impl):
+def test_only_the_default_sdpa_is_switched():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     model = Qwen3ForCausalLM(Qwen3Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                                         attn_implementation=impl))
-    assert not attention.use_on(model) and model.config._attn_implementation == impl
+                                         attn_implementation="eager"))
+    assert not attention.use_on(model) and model.config._attn_implementation == "eager"

@@ -11,8 +11,8 @@ value dtype before the product with the values, which is what sdpa's CPU kernel 
 
 Registered with transformers' AttentionInterface under NAME, with sdpa's boolean mask; `use_on(model)`
 switches a model with the default attention to it (`models.load_model` does). Falls back to sdpa for
-whatever it is not for: GPU tensors, dropout, soft-capping, sliding windows, and score matrices above MAX_SCORES elements (their
-memory: the backward pass keeps them, per layer).
+whatever it is not for: GPU tensors, dropout, soft-capping, sliding windows, non-causal calls without a
+mask, and score matrices above MAX_SCORES elements (their memory: the backward pass keeps them, per layer).
 
 Hand-written because no maintained library has a CPU attention kernel that beats this at these sizes
 (Liger and flash-attn are GPU kernels; sdpa is measured above).
@@ -34,17 +34,16 @@ def matmul_attention(module, query, key, value, attention_mask, dropout: float =
 
     b, h, tq, d = query.shape
     hkv, tk = key.shape[1], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if query.device.type != "cpu" or (dropout and module.training) or kwargs.get("softcap") is not None \
             or kwargs.get("sliding_window") or h % hkv or b * h * tq * tk > MAX_SCORES \
+            or (attention_mask is None and not causal) \
             or (attention_mask is not None and attention_mask.dtype != torch.bool):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     g = h // hkv
     scale = d ** -0.5 if scaling is None else scaling
     if attention_mask is None:  # causal: the queries are the last tq of the tk positions
-        if not (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
-            return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
-                                          is_causal=is_causal, **kwargs)
         attention_mask = torch.ones(tq, tk, dtype=torch.bool, device=query.device).tril(tk - tq)
     else:  # [B, 1, 1, Tq, Tk] against scores [B, Hkv, g, Tq, Tk]
         attention_mask = attention_mask[:, :, None, :, :tk]

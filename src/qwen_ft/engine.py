@@ -520,9 +520,9 @@ def fp32_logits(model) -> None:
 
 def _can_pack(model, device) -> bool:
     """Whether batches may run packed (`scoring.packed_pass`): on CPU (where it was measured), with sdpa
-    attention or qwen-ft's CPU matmul attention (both take the boolean 4D mask as given; eager attention would add it, flash-attention kernels
-    take none), and only full attention in every layer (a sliding window or a recurrent/linear-attention
-    layer would see across the packed rows)."""
+    attention or qwen-ft's CPU matmul attention (both take the boolean 4D mask as given; eager attention
+    would add it, flash-attention kernels take none), and only full attention in every layer (a sliding
+    window or a recurrent/linear-attention layer would see across the packed rows)."""
     config = model.config
     return (device.type == "cpu" and getattr(config, "_attn_implementation", None) in ("sdpa", attention.NAME)
             and set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}

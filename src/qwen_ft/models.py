@@ -308,9 +308,9 @@ def frozen_in_compute_dtype(model, dtype: torch.dtype | None):
     if dtype is None or dtype == torch.float32:
         yield
         return
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.helpers import disable_input_dtype_casting
 
-    swapped, casting = [], []
+    swapped = []
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             for name in ("weight", "bias"):
@@ -318,18 +318,14 @@ def frozen_in_compute_dtype(model, dtype: torch.dtype | None):
                 if isinstance(param, torch.nn.Parameter) and not param.requires_grad and param.dtype == torch.float32:
                     swapped.append((module, name, param))
                     setattr(module, name, torch.nn.Parameter(param.detach().to(dtype), requires_grad=False))
-        if isinstance(module, BaseTunerLayer):
-            casting.append((module, module.cast_input_dtype_enabled))
-            module.cast_input_dtype_enabled = False
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     hook = head.register_forward_pre_hook(_contiguous_input) if isinstance(head, torch.nn.Module) else None
     try:
-        yield
+        with disable_input_dtype_casting(model):  # peft's own switch for the LoRA input cast
+            yield
     finally:
         if hook is not None:
             hook.remove()
-        for module, flag in casting:
-            module.cast_input_dtype_enabled = flag
         for module, name, param in swapped:
             setattr(module, name, param)
 
