@@ -281,6 +281,20 @@ def test_packed_batches_equal_each_row_alone(classifiers, tiny_model):
             assert p == pytest.approx(first[labels.index(lab)], abs=1e-5)
 
 
+def test_packed_plans_cap_real_tokens_per_pack(classifiers):
+    """A pack scores every token against the whole pack: packed batches hold at most max_pack_tokens real
+    tokens (a row longer than that alone), padded ones keep the larger padded cap; every row once."""
+    clf = classifiers["unique first tokens"]
+    lengths = [30, 200, 90, 400, 700, 60, 120, 300, 15, 250]
+    prompts = [[1] * (n + 5) for n in lengths]
+    packed = clf.plan(prompts, 5, 16, packed=True)
+    assert sorted(i for b in packed for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= clf.max_pack_tokens or len(b) == 1 for b in packed)
+    assert len(packed) > 1 and clf.max_pack_tokens < clf.max_batch_tokens
+    padded = clf.plan(prompts, 5, 16)
+    assert all(len(b) * max(lengths[i] for i in b) <= clf.max_batch_tokens or len(b) == 1 for b in padded)
+
+
 def test_packed_pass_without_a_prefix_equals_full_forwards(tiny_model):
     from qwen_ft.scoring import Counts, packed_pass
 

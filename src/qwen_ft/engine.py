@@ -65,6 +65,12 @@ NORMALIZE = ("auto", "none", "token", "char")
 # tokens - 4.9 rows/s padded vs 10.6 packed; length-sorted groups of 8 11.4 padded vs 9.7 packed (a packed
 # row's attention spans the whole pack).
 PACK_ABOVE_PADDING = 1.25
+# Real tokens per packed batch on CPU. A pack's attention scores every token against the whole pack, so its
+# cost grows with the square of this; 512 keeps it small and inside attention.MAX_SCORES (the matmul attention,
+# not sdpa). Measured (as above, batch 16, 200 validation rows, one process, variants interleaved): never
+# packing 22.6 rows/s; packs of 2048 tokens (the padded cap) 12.1 (56 rows; 18.1 unpacked there), 1024 22.9,
+# 768 24.2, 512 28.7, 384 27.4.
+MAX_PACK_TOKENS_CPU = 512
 
 
 class Classifier:
@@ -82,6 +88,7 @@ class Classifier:
         # padded prompt tokens per batch (rows x longest row): sorted MMLU-Pro prompts (66-508 tokens) in
         # batches of 32 computed 2.9x the useful tokens; capped at 2048 on CPU, validation ran 2.5x faster
         self.max_batch_tokens = 2048 if self.device.type == "cpu" else 16384
+        self.max_pack_tokens = MAX_PACK_TOKENS_CPU  # packing runs on CPU only (_can_pack)
         # rows whose two best answers are closer than this (raw score units: logits or log-probabilities)
         # are scored again alone: see _rescore_close_calls. bf16/fp16 scores of one row moved by up to
         # 0.26 between batch compositions (SmolLM2-135M, Xeon AMX); fp32 probabilities agreed to 1e-6
@@ -225,8 +232,9 @@ class Classifier:
              packed: bool = False) -> list[list[int]]:
         """Row indices batched by length (less padding; fewer rows when they are long). The token cap
         counts what a batch computes: each row's tokens after the shared prefix, padded to the longest, or
-        (`packed`: rows that one pass decides, which may run packed) the real ones."""
-        return dist.batch_plan([len(p) - prefix_len for p in prompts], batch_size, self.max_batch_tokens, packed)
+        (`packed`: rows that one pass decides, which may run packed) the real ones, at most max_pack_tokens."""
+        cap = self.max_pack_tokens if packed else self.max_batch_tokens
+        return dist.batch_plan([len(p) - prefix_len for p in prompts], batch_size, cap, packed)
 
     def scoring(self, decode: str = "auto", normalize: str = "auto") -> tuple[str, str]:
         """'auto' decoding: constrained (fast, always valid) when answers end with an end-of-turn token, else
