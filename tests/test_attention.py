@@ -107,3 +107,24 @@ def test_only_the_default_sdpa_is_switched():
                                          num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                                          attn_implementation="eager"))
     assert not attention.use_on(model) and model.config._attn_implementation == "eager"
+
+
+def test_packed_segments_over_a_prefix_match_sdpa_and_skip_the_masked_pairs(monkeypatch):
+    """scoring.packed_pass passes the segment lengths: the segment path must give sdpa's logits under the
+    block-diagonal mask (prefix 6 tokens, then segments of 1, 5 and 3), without building the packed scores."""
+    from qwen_ft.scoring import Counts, packed_pass, prefix_cache
+
+    model = tiny()
+    fast = switched(model)
+    g = torch.Generator().manual_seed(5)
+    prefix = torch.randint(1, 80, (6,), generator=g).tolist()
+    seqs = [torch.randint(1, 80, (n,), generator=g).tolist() for n in (1, 5, 3)]
+    outs = [packed_pass(m, seqs, 6, prefix_cache(m, prefix, "cpu"), "cpu", Counts()) for m in (model, fast)]
+    assert torch.allclose(outs[0], outs[1], atol=1e-5), (outs[0] - outs[1]).abs().max()
+    no_prefix = [packed_pass(m, seqs, 0, None, "cpu", Counts()) for m in (model, fast)]
+    assert torch.allclose(no_prefix[0], no_prefix[1], atol=1e-5)
+    widest = []  # the widest score matrix the segment path built: a segment's keys, not the whole pack
+    original = torch.Tensor.softmax
+    monkeypatch.setattr(torch.Tensor, "softmax", lambda self, dim: widest.append(self.shape[-1]) or original(self, dim))
+    packed_pass(fast, seqs, 6, prefix_cache(fast, prefix, "cpu"), "cpu", Counts())
+    assert widest and max(widest) == 6 + 5

@@ -9,6 +9,11 @@ of one layer (8 rows of 80 tokens) took 3.5 ms vs 11.4 ms for sdpa (`benchmarks/
 whole training steps). The scores are computed and normalised in fp32 and the probabilities rounded to the
 value dtype before the product with the values, which is what sdpa's CPU kernel does with bf16 inputs.
 
+Packed rows (`scoring.packed_pass`: several prompts in one row over a shared prefix cache) pass their
+segment lengths as the keyword SEGMENTS: each segment then attends to the prefix and to itself only, as the
+block-diagonal mask says, but without scoring the masked pairs (a pack of 512 tokens in ~5 prompts computed
+4-5x the scores it used, and their softmax was a third of the validation time).
+
 Registered with transformers' AttentionInterface under NAME, with sdpa's boolean mask; `use_on(model)`
 switches a model with the default attention to it (`models.load_model` does). Falls back to sdpa for
 whatever it is not for: GPU tensors, dropout, soft-capping, sliding windows, non-causal calls without a
@@ -23,6 +28,7 @@ from __future__ import annotations
 import torch
 
 NAME = "qwen_ft_cpu"
+SEGMENTS = "qwen_ft_segments"  # keyword of a packed row's segment lengths (a list of ints), passed by model(...)
 MAX_SCORES = 1 << 22  # batch x heads x queries x keys: 16 MB of fp32 scores per layer, 8 rows of ~250 tokens
 
 
@@ -35,6 +41,10 @@ def matmul_attention(module, query, key, value, attention_mask, dropout: float =
     b, h, tq, d = query.shape
     hkv, tk = key.shape[1], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    segments = kwargs.get(SEGMENTS)
+    if segments is not None and b == 1 and query.device.type == "cpu" and not h % hkv and not kwargs.get(
+            "softcap") and not kwargs.get("sliding_window") and not (dropout and module.training):
+        return segment_attention(query, key, value, segments, d ** -0.5 if scaling is None else scaling), None
     if query.device.type != "cpu" or (dropout and module.training) or kwargs.get("softcap") is not None \
             or kwargs.get("sliding_window") or h % hkv or b * h * tq * tk > MAX_SCORES \
             or (attention_mask is None and not causal) \
@@ -57,6 +67,40 @@ def matmul_attention(module, query, key, value, attention_mask, dropout: float =
         probs = scores.softmax(-1).to(value.dtype)
         out = torch.matmul(probs.view(b, hkv, g * tq, tk), value)
     return out.view(b, h, tq, d).transpose(1, 2).contiguous(), None
+
+
+def segment_attention(query, key, value, segments: list[int], scale: float) -> torch.Tensor:
+    """One packed row: query [1, H, T, D] holds consecutive segments of `segments` tokens (sum T); key/value
+    [1, Hkv, P + T, D] a shared prefix of P positions, then the same T. Each segment attends causally to
+    itself and to the whole prefix. Returns [1, T, H, D]. The segments are laid out as a padded batch [S, L]
+    (L: the longest) for the matmuls; the prefix keys are multiplied once for all of them, not repeated."""
+    _, h, t, d = query.shape
+    hkv, p = key.shape[1], key.shape[2] - t
+    g, n, width = h // hkv, len(segments), max(segments)
+    lengths = torch.tensor(segments)
+    slot = torch.arange(width)
+    valid = slot < lengths[:, None]  # [S, L]
+    idx = ((lengths.cumsum(0) - lengths)[:, None] + slot).clamp(max=t - 1)  # a padding slot reads a real token
+    with torch.autocast(query.device.type, enabled=False):
+        # [Hkv, S, g, L, D]: the g query heads of a key/value head, per segment
+        q = (query[0].view(hkv, g, t, d)[:, :, idx].transpose(1, 2).float() * scale).contiguous()
+        k_own = key[0, :, p:][:, idx].float()  # [Hkv, S, L, D]
+        v_own = value[0, :, p:][:, idx]
+        own = torch.matmul(q.view(hkv * n, g * width, d), k_own.view(hkv * n, width, d).transpose(-1, -2))
+        own = own.view(hkv, n, g, width, width)
+        keep = torch.ones(width, width, dtype=torch.bool).tril() & valid[:, None, None, :]  # [S, 1, L, L]
+        own = own.masked_fill(~keep, torch.finfo(own.dtype).min).view(hkv, n, g * width, width)
+        if p:
+            pre = torch.matmul(q.view(hkv, n * g * width, d), key[0, :, :p].float().transpose(-1, -2))
+            probs = torch.cat([pre.view(hkv, n, g * width, p), own], dim=-1).softmax(-1).to(value.dtype)
+            out = torch.matmul(probs[..., :p].reshape(hkv, n * g * width, p), value[0, :, :p]).view(
+                hkv, n, g * width, d)
+            out = out + torch.matmul(probs[..., p:], v_own)
+        else:
+            out = torch.matmul(own.softmax(-1).to(value.dtype), v_own)
+    # [Hkv, S, g, L, D] -> [S, L, Hkv, g, D] -> the valid slots, in packed order -> [1, T, H, D]
+    out = out.view(hkv, n, g, width, d).permute(1, 3, 0, 2, 4)[valid]
+    return out.reshape(1, t, h, d)
 
 
 def register() -> None:

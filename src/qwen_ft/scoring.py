@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qwen_ft import attention
+
 
 @dataclass
 class Counts:
@@ -128,9 +130,10 @@ def packed_pass(model, suffixes: list[list[int]], prefix_len: int, cache, device
     mask = torch.cat([torch.ones(total, prefix_len, dtype=torch.bool), own], dim=1)[None, None]
     ids = torch.tensor([t for s in suffixes for t in s]).unsqueeze(0)
     counts.computed_tokens += total
+    # the segment lengths let qwen-ft's CPU attention skip the masked pairs; other attentions ignore them
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                 **_cache_in(model, copy.deepcopy(cache) if cache is not None else None), use_cache=cache is not None,
-                logits_to_keep=(lengths.cumsum(0) - 1).to(device))
+                logits_to_keep=(lengths.cumsum(0) - 1).to(device), **{attention.SEGMENTS: lengths.tolist()})
     return out.logits[0].float().cpu()
 
 
