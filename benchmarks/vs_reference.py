@@ -118,23 +118,28 @@ class FlopCounter:
         self.steps = 0
 
     def hook(self, module, args, kwargs):
+        import torch
+
         if not module.training:
             return
         ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask")
-        keep = kwargs.get("logits_to_keep", 0) or 0
+        keep = kwargs.get("logits_to_keep", 0)
         if ids is None:
             return
         b, t = ids.shape
-        lengths = mask.sum(1).tolist() if mask is not None else [t] * b
-        self.samples += b
+        segments = kwargs.get("qwen_ft_segments")  # a packed batch (training.PackedCollator): one row, no padding
+        lengths = segments or (mask.sum(1).tolist() if mask is not None else [t] * b)
+        self.samples += len(lengths)
         self.padded_tokens += b * t
+        if isinstance(keep, torch.Tensor):  # the positions kept, over the whole batch
+            self.flops += len(keep) * self.head_per_position
         for n in lengths:
             n = int(n)
             self.useful_tokens += n
-            positions = min(int(keep), n) if keep else n
-            self.flops += n * self.linear_per_token + n * (n + 1) / 2 * self.attn_per_pair \
-                + positions * self.head_per_position
+            self.flops += n * self.linear_per_token + n * (n + 1) / 2 * self.attn_per_pair
+            if not isinstance(keep, torch.Tensor):
+                self.flops += (min(int(keep), n) if keep else n) * self.head_per_position
 
 
 def budget_callback(budget_s: float, timing: dict):

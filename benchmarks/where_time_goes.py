@@ -81,10 +81,11 @@ def main() -> None:
         seconds, tokens, what = time.perf_counter() - t0, stats["computed_tokens"], {"eval_rows": len(rows)}
     else:
         # the package's defaults: frozen linears held in bf16 (on CPU), the default attention
+        cpu = not torch.cuda.is_available()  # the training path's rules: frozen bf16 and packed batches on CPU
         variant = TrainVariant("defaults", path, torch.float32, precision == "bf16", 0.0,
-                               frozen_bf16=precision == "bf16" and not torch.cuda.is_available(), attn=None)
+                               frozen_bf16=precision == "bf16" and cpu, attn=None, packed=cpu)
         config = variant.model.config
-        batches = train_batches(encoder, prepared.splits["train"], a.batch_size, a.steps + 1)
+        batches = train_batches(encoder, prepared.splits["train"], a.batch_size, a.steps + 1, packed=cpu)
         variant.step(batches[0])  # warm-up
         variant.times, variant.tokens = [], []
         with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:

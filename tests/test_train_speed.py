@@ -96,3 +96,83 @@ def test_allocator_thresholds_apply_on_glibc_unless_turned_off():
                               check=True).stdout.strip()
 
     assert applied("tuned") == "True" and applied("system") == "False"
+
+
+def features(lengths=(9, 5, 12, 30)) -> list[dict]:
+    g = torch.Generator().manual_seed(2)
+    feats = []
+    for n in lengths:  # answers of 2 and 3 tokens
+        ids = torch.randint(3, 96, (n,), generator=g).tolist()
+        k = 2 + n % 2
+        feats.append({"input_ids": ids, "labels": [-100] * (n - k) + ids[-k:], "length": n})
+    return feats
+
+
+def loss_and_grads(model, b: dict) -> tuple[torch.Tensor, dict]:
+    b = dict(b)
+    labels, keep = b.pop("labels"), b.pop("logits_to_keep")
+    loss = answer_loss(model(**b, logits_to_keep=keep), labels)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("max_scores", [None, 16])  # the matmul segments, and sdpa per segment (long rows)
+def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(monkeypatch, max_scores):
+    """PackedCollator + qwen-ft's attention: no padding computed, each example attending to itself only; the
+    loss and every LoRA gradient equal those of the same examples padded (fp32: to rounding), and the
+    Trainer's token count (labels after the first column) is the same."""
+    from qwen_ft import attention
+    from qwen_ft.training import PackedCollator
+
+    if max_scores:
+        monkeypatch.setattr(attention, "MAX_SCORES", max_scores)
+    model = tiny_lora_model()
+    assert not attention.packs(model)  # sdpa: no segments
+    attention.use_on(model)
+    assert attention.packs(model)
+    padded, packed = LeftPadCollator(0)(features()), PackedCollator(0, pack_above=0)(features())
+    assert packed["input_ids"].shape == (1, 9 + 5 + 12 + 30) and packed[attention.SEGMENTS] == [9, 5, 12, 30]
+    assert packed["position_ids"][0, 9:14].tolist() == list(range(5))
+    assert packed["labels"][:, 1:].ne(-100).sum() == padded["labels"][:, 1:].ne(-100).sum() == 3 + 3 + 2 + 2
+    loss_pad, grads_pad = loss_and_grads(model, padded)
+    loss_pack, grads_pack = loss_and_grads(model, packed)
+    assert torch.allclose(loss_pack, loss_pad, atol=1e-6), (loss_pack.item(), loss_pad.item())
+    assert grads_pack.keys() == grads_pad.keys()
+    for name, g in grads_pad.items():
+        assert torch.allclose(grads_pack[name], g, atol=1e-6, rtol=1e-4), name
+    assert sum(g.abs().sum() for g in grads_pad.values()) > 0
+    # a segment must not see its neighbour: changing the first example changes nothing of the others' logits
+    with torch.no_grad():
+        b = {k: v for k, v in packed.items() if k != "labels"}
+        other = dict(b, input_ids=b["input_ids"].clone())
+        other["input_ids"][0, :9] = 3
+        keep = b.pop("logits_to_keep")
+        other.pop("logits_to_keep")
+        a, c = model(**b).logits, model(**other).logits
+    assert torch.allclose(a[0, 9:], c[0, 9:], atol=1e-5) and not torch.allclose(a[0, :9], c[0, :9])
+    assert keep.tolist()[-1] == 9 + 5 + 12 + 30 - 1
+
+
+def test_segments_where_attention_cannot_honour_them_raise():
+    from types import SimpleNamespace
+
+    from qwen_ft import attention
+
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="packed segments"):
+        attention.matmul_attention(SimpleNamespace(is_causal=True, training=True), q, q, q, None, dropout=0.1,
+                                   **{attention.SEGMENTS: [2, 2]})
+
+
+def test_only_batches_that_would_pad_much_are_packed():
+    from qwen_ft import attention
+    from qwen_ft.training import PACK_ABOVE_PADDING, PackedCollator
+
+    collate = PackedCollator(0)
+    even = collate(features((20, 19, 18)))  # 60 computed for 57 real: padded
+    uneven = collate(features((30, 5, 6)))  # 90 computed for 41 real: packed
+    assert 3 * 20 <= PACK_ABOVE_PADDING * 57 and 3 * 30 > PACK_ABOVE_PADDING * 41
+    assert even["input_ids"].shape == (3, 20) and attention.SEGMENTS not in even
+    assert uneven["input_ids"].shape == (1, 41) and uneven[attention.SEGMENTS] == [30, 5, 6]

@@ -42,8 +42,11 @@ def matmul_attention(module, query, key, value, attention_mask, dropout: float =
     hkv, tk = key.shape[1], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     segments = kwargs.get(SEGMENTS)
-    if segments is not None and b == 1 and query.device.type == "cpu" and not h % hkv and not kwargs.get(
-            "softcap") and not kwargs.get("sliding_window") and not (dropout and module.training):
+    if segments is not None:  # a packed row: attending across its segments would be silently wrong, so no fallback
+        if b != 1 or query.device.type != "cpu" or h % hkv or kwargs.get("softcap") is not None \
+                or kwargs.get("sliding_window") or (dropout and module.training):
+            raise RuntimeError(f"packed segments ({SEGMENTS}) reached an attention call they are not for: batch {b}, "
+                               f"{query.device.type}, dropout {dropout}, softcap/sliding window {kwargs.keys()}")
         return segment_attention(query, key, value, segments, d ** -0.5 if scaling is None else scaling), None
     if query.device.type != "cpu" or (dropout and module.training) or kwargs.get("softcap") is not None \
             or kwargs.get("sliding_window") or h % hkv or b * h * tq * tk > MAX_SCORES \
@@ -73,10 +76,19 @@ def segment_attention(query, key, value, segments: list[int], scale: float) -> t
     """One packed row: query [1, H, T, D] holds consecutive segments of `segments` tokens (sum T); key/value
     [1, Hkv, P + T, D] a shared prefix of P positions, then the same T. Each segment attends causally to
     itself and to the whole prefix. Returns [1, T, H, D]. The segments are laid out as a padded batch [S, L]
-    (L: the longest) for the matmuls; the prefix keys are multiplied once for all of them, not repeated."""
+    (L: the longest) for the matmuls; the prefix keys are multiplied once for all of them, not repeated.
+    Without a prefix (training) and with more than MAX_SCORES scores, sdpa's kernel runs each segment."""
     _, h, t, d = query.shape
     hkv, p = key.shape[1], key.shape[2] - t
     g, n, width = h // hkv, len(segments), max(segments)
+    if not p and n * h * width * width > MAX_SCORES:  # long training rows: sdpa's kernel per segment (memory)
+        out, start = [], 0
+        for length in segments:
+            part = slice(start, start + length)
+            out.append(torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, part], key[:, :, part], value[:, :, part], is_causal=True, scale=scale, enable_gqa=True))
+            start += length
+        return torch.cat(out, dim=2).transpose(1, 2).contiguous()
     lengths = torch.tensor(segments)
     slot = torch.arange(width)
     valid = slot < lengths[:, None]  # [S, L]
@@ -109,6 +121,16 @@ def register() -> None:
 
     AttentionInterface.register(NAME, matmul_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def packs(model) -> bool:
+    """Whether every attention call of `model` (on the CPU, this attention) honours packed segments: full causal
+    attention in every layer, no attention dropout, no soft-capping (those raise in matmul_attention)."""
+    config = model.config
+    return (next(model.parameters()).device.type == "cpu" and getattr(config, "_attn_implementation", None) == NAME
+            and set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
+            and not getattr(config, "sliding_window", None) and not getattr(config, "attention_dropout", 0.0)
+            and getattr(config, "attn_logit_softcapping", None) is None)
 
 
 def use_on(model) -> bool:

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from qwen_ft import attention, optimizers
 from qwen_ft import distributed as dist
-from qwen_ft import optimizers
 from qwen_ft.callbacks import (
     CheckpointTriggers,
     DivergenceGuard,
@@ -74,6 +74,13 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- batching and loss
 
+# A training batch runs packed when padding it would compute more than this x its real tokens. Measured
+# (SmolLM2-135M, bf16, AMD EPYC 2 cores, benchmarks/levers.py): on length-grouped batches with little padding
+# packed steps were ~15 % slower (the per-layer gather of the segments), on the Trainer's batches (80 % real
+# tokens on average, the longest example of a mega-batch leading) packing paid: see PackedCollator.
+PACK_ABOVE_PADDING = 1.2
+
+
 class LeftPadCollator:
     """Pads a batch on the left; `labels` keep the answer mask built at encoding time."""
 
@@ -96,6 +103,39 @@ class LeftPadCollator:
         answer_span = max(len(f["labels"]) - next((j for j, v in enumerate(f["labels"]) if v != IGNORE),
                                                   len(f["labels"])) for f in features)
         return {**self._inputs(features, width), "labels": labels, "logits_to_keep": min(max(answer_span, 1) + 1, width)}
+
+
+class PackedCollator(LeftPadCollator):
+    """A batch whose padding would cost more than PACK_ABOVE_PADDING x its real tokens runs as one row without
+    padding (CPU, qwen-ft's attention: `attention.packs`); others are padded on the left as LeftPadCollator pads.
+    Packed: the examples one after another, positions restarting at 0 for each, their lengths under
+    `attention.SEGMENTS` so that each attends to itself only; logits only where an answer token is predicted
+    (plus one unused last position), and `labels` (IGNORE, then those answer tokens) line up with them the way
+    `answer_loss` reads a padded batch's last K+1 positions: the loss, the gradients and the Trainer's token count
+    are the padded batch's. Hand-written: transformers' padding-free collator (position ids only) needs a varlen
+    flash-attention kernel, which the CPU has not. `pack_above` 0: every batch packed."""
+
+    def __init__(self, pad_id: int, pack_above: float = PACK_ABOVE_PADDING):
+        super().__init__(pad_id)
+        self.pack_above = pack_above
+
+    def __call__(self, features: list[dict]) -> dict:
+        real = sum(len(f["input_ids"]) for f in features)
+        if len(features) * self._width(features) <= self.pack_above * real:
+            return super().__call__(features)
+        ids, positions, keep, targets, offset = [], [], [], [], 0
+        for f in features:
+            n = len(f["input_ids"])
+            ids += f["input_ids"]
+            positions += range(n)
+            for j, label in enumerate(f["labels"]):
+                if label != IGNORE and j:  # the token at j is predicted at position j - 1
+                    keep.append(offset + j - 1)
+                    targets.append(label)
+            offset += n
+        return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
+                "labels": torch.tensor([[IGNORE, *targets]]), "logits_to_keep": torch.tensor([*keep, offset - 1]),
+                attention.SEGMENTS: [len(f["input_ids"]) for f in features]}
 
 
 def answer_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
@@ -554,11 +594,21 @@ def _build_trainer(cfg: TrainConfig, run: RunDir, model, tokenizer, train_ds, va
     head = cfg.model.head == "classification"
     trainer = SeededTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-        data_collator=(HeadCollator if head else LeftPadCollator)(tokenizer.pad_token_id, 8 if not cpu else None),
+        data_collator=_collator(model, tokenizer, head, cpu),
         compute_loss_func=class_loss if head else answer_loss, callbacks=callbacks, optim_args=o,
     )
     strip_default_printing(trainer)
     return trainer
+
+
+def _collator(model, tokenizer, head: bool, cpu: bool):
+    """Packed batches where every attention call honours them (LM-head training on the CPU with qwen-ft's
+    attention: no padding computed), else batches padded on the left (to a multiple of 8 on GPUs)."""
+    if head:
+        return HeadCollator(tokenizer.pad_token_id, 8 if not cpu else None)
+    if cpu and attention.packs(model):
+        return PackedCollator(tokenizer.pad_token_id)
+    return LeftPadCollator(tokenizer.pad_token_id, 8 if not cpu else None)
 
 
 def _tracking(report_to: str, run: RunDir) -> str:
