@@ -10,6 +10,15 @@ counts their FLOPs) against a matmul peak measured here on the same threads and 
 overall FLOP/s. The gap between the two is time outside matmuls; the gap between the matmul FLOP/s and
 the peak is the cost of this model's small shapes (hidden 576: thin matrices run far below a square
 matmul's peak). Both run the package's own code paths with its defaults.
+
+The profiler records input shapes and the matmul FLOPs are computed from them: its own FLOP counting
+(`with_flops=True`) slowed the profiled steps, elementwise ops most. The profiled pass repeats a warm-up pass
+over the same batches: a first pass over a new, larger shape faults in fresh memory pages, ~30 us each on a VM,
+and the first op to touch them (mostly an elementwise one) carries the cost; profiled cold, elementwise work
+looked like half of a training step. That cost is real, once per process and high-water mark, and shows in
+`vs_reference.py`'s whole-run figures; this script shows the steady state. Even warm, the profiler itself
+disturbs memory reuse on such a VM: a packed 2,714-token step ran 4.65 s unprofiled and 12.3 s profiled
+(short steps 0.81 vs 0.94 s), so read its shares for short batches, and its absolute times not at all.
 """
 
 from __future__ import annotations
@@ -45,6 +54,24 @@ GROUPS = {
 }
 
 
+def matmul_flops(name: str, shapes: list) -> float:
+    """FLOPs of one call of aten::mm / addmm / bmm from its input shapes (0 for anything else: the composite
+    ops matmul/linear call these, and would count twice)."""
+    try:
+        if name == "aten::mm":
+            (m, k), (_, n) = shapes[0], shapes[1]
+            return 2.0 * m * k * n
+        if name == "aten::addmm":
+            (m, k), (_, n) = shapes[1], shapes[2]
+            return 2.0 * m * k * n
+        if name == "aten::bmm":
+            (b, m, k), (_, _, n) = shapes[0], shapes[1]
+            return 2.0 * b * m * k * n
+    except (ValueError, IndexError, TypeError):
+        pass
+    return 0.0
+
+
 def group_of(name: str) -> str:
     for group, keys in GROUPS.items():
         if any(k.lower() in name.lower() for k in keys):
@@ -74,9 +101,9 @@ def main() -> None:
         rows = prepared.splits["validation"][: a.eval_rows]
         # built (instruction KV cache included) and warmed up outside the profile
         engine = Classifier(model, encoder, precision, {"model_path": str(path)})
-        engine.classify(rows[: a.eval_batch_size], decode="constrained", batch_size=a.eval_batch_size)  # warm-up
+        engine.classify(rows, decode="constrained", batch_size=a.eval_batch_size)  # warm-up: every shape once
         t0 = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             _, stats = engine.classify(rows, decode="constrained", batch_size=a.eval_batch_size)
         seconds, tokens, what = time.perf_counter() - t0, stats["computed_tokens"], {"eval_rows": len(rows)}
     else:
@@ -86,21 +113,23 @@ def main() -> None:
                                frozen_bf16=precision == "bf16" and cpu, attn=None, packed=cpu)
         config = variant.model.config
         batches = train_batches(encoder, prepared.splits["train"], a.batch_size, a.steps + 1, packed=cpu)
-        variant.step(batches[0])  # warm-up
+        for b in batches[1:]:  # warm-up: every batch shape once (first-call costs and fresh pages, see above)
+            variant.step(b)
         variant.times, variant.tokens = [], []
-        with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for b in batches[1:]:
                 variant.step(b)
         seconds, tokens, what = sum(variant.times), sum(variant.tokens), {"train_steps": a.steps}
-    events = prof.key_averages()
     by_group: dict[str, float] = defaultdict(float)
     mm_flops = mm_time = 0.0
-    for e in events:
+    for e in prof.key_averages(group_by_input_shape=True):
         group = group_of(e.key)
         by_group[group] += e.self_cpu_time_total / 1e6
-        if group.startswith("matmul") and e.flops:
-            mm_flops += e.flops
+        flops = matmul_flops(e.key, e.input_shapes) * e.count
+        if flops:
+            mm_flops += flops
             mm_time += e.self_cpu_time_total / 1e6
+    events = prof.key_averages()
     total = sum(by_group.values())
     peak = matmul_peak(precision, config.hidden_size, config.intermediate_size)
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]
