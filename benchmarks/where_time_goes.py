@@ -43,6 +43,7 @@ from qwen_ft.encoding import PromptEncoder  # noqa: E402
 from qwen_ft.engine import Classifier  # noqa: E402
 from qwen_ft.models import load_model, load_tokenizer, resolve_model  # noqa: E402
 from qwen_ft.precision import inference_dtype, resolve_precision  # noqa: E402
+from qwen_ft.training import PACK_ABOVE_PADDING  # noqa: E402
 
 GROUPS = {
     "matmul (mm/addmm/bmm/linear)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
@@ -112,12 +113,13 @@ def main() -> None:
         variant = TrainVariant("defaults", path, torch.float32, precision == "bf16", 0.0,
                                frozen_bf16=precision == "bf16" and cpu, attn=None, packed=cpu)
         config = variant.model.config
-        batches = train_batches(encoder, prepared.splits["train"], a.batch_size, a.steps + 1, packed=cpu)
-        for b in batches[1:]:  # warm-up: every batch shape once (first-call costs and fresh pages, see above)
+        batches = train_batches(encoder, prepared.splits["train"], a.batch_size, a.steps,
+                                pack_above=PACK_ABOVE_PADDING if cpu else None)
+        for b in batches:  # warm-up: every batch shape once (first-call costs and fresh pages, see above)
             variant.step(b)
         variant.times, variant.tokens = [], []
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            for b in batches[1:]:
+            for b in batches:
                 variant.step(b)
         seconds, tokens, what = sum(variant.times), sum(variant.tokens), {"train_steps": a.steps}
     by_group: dict[str, float] = defaultdict(float)

@@ -132,6 +132,11 @@ def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(monkeypatch, 
     assert not attention.packs(model)  # sdpa: no segments
     attention.use_on(model)
     assert attention.packs(model)
+    for name, value in (("attention_dropout", 0.1), ("attn_logit_softcapping", 50.0), ("sliding_window", 8)):
+        before = getattr(model.config, name, None)
+        setattr(model.config, name, value)
+        assert not attention.packs(model), name  # calls that would raise on segments: padded batches instead
+        setattr(model.config, name, before)
     padded, packed = LeftPadCollator(0)(features()), PackedCollator(0, pack_above=0)(features())
     assert packed["input_ids"].shape == (1, 9 + 5 + 12 + 30) and packed[attention.SEGMENTS] == [9, 5, 12, 30]
     assert packed["position_ids"][0, 9:14].tolist() == list(range(5))

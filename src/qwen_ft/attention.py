@@ -109,7 +109,7 @@ def segment_attention(query, key, value, segments: list[int], scale: float) -> t
             probs = torch.cat([pre.view(hkv, n, g * width, p), own], dim=-1).softmax(-1).to(value.dtype)
             out = torch.matmul(probs[..., :p].reshape(hkv, n * g * width, p), value[0, :, :p]).view(
                 hkv, n, g * width, d)
-            out = out + torch.matmul(probs[..., p:], v_own)
+            out = (out.float() + torch.matmul(probs[..., p:], v_own).float()).to(value.dtype)  # one rounding
         else:
             out = torch.matmul(own.softmax(-1).to(value.dtype), v_own)
     # [Hkv, S, g, L, D] -> [S, L, Hkv, g, D] -> the valid slots, in packed order -> [1, T, H, D]

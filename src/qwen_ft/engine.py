@@ -65,11 +65,11 @@ NORMALIZE = ("auto", "none", "token", "char")
 # tokens - 4.9 rows/s padded vs 10.6 packed; length-sorted groups of 8 11.4 padded vs 9.7 packed (a packed
 # row's attention spans the whole pack).
 PACK_ABOVE_PADDING = 1.25
-# Real tokens per packed batch on CPU. A pack's attention scores every token against the whole pack, so its
-# cost grows with the square of this; 512 keeps it small and inside attention.MAX_SCORES (the matmul attention,
-# not sdpa). Measured (as above, batch 16, 200 validation rows, one process, variants interleaved): never
-# packing 22.6 rows/s; packs of 2048 tokens (the padded cap) 12.1 (56 rows; 18.1 unpacked there), 1024 22.9,
-# 768 24.2, 512 28.7, 384 27.4.
+# Real tokens per packed batch on CPU. Under sdpa (or the attention before it knew segments) a pack's attention
+# scores every token against the whole pack: packs of 2048 tokens (the padded cap) validated at 12.1 rows/s vs
+# 18.1 never packing (56 rows, batch 16, one process, interleaved); 200 rows: never 22.6, packs of 1024 22.9,
+# 768 24.2, 512 28.7, 384 27.4. With qwen-ft's attention scoring each segment alone (attention.SEGMENTS) the
+# cap matters less; measured again then: never 26.3, 512 25.2, 1024 24.9, 2048 23.0 (run-to-run noise ~10 %).
 MAX_PACK_TOKENS_CPU = 512
 
 
@@ -528,11 +528,13 @@ def fp32_logits(model) -> None:
 
 def _can_pack(model, device) -> bool:
     """Whether batches may run packed (`scoring.packed_pass`): on CPU (where it was measured), with sdpa
-    attention or qwen-ft's CPU matmul attention (both take the boolean 4D mask as given; eager attention
-    would add it, flash-attention kernels take none), and only full attention in every layer (a sliding
-    window or a recurrent/linear-attention layer would see across the packed rows)."""
+    attention (it takes the boolean 4D mask as given; eager attention would add it, flash-attention kernels
+    take none) or qwen-ft's CPU attention where it honours the segment lengths (`attention.packs`), and only
+    full attention in every layer (a sliding window or a recurrent/linear-attention layer would see across
+    the packed rows)."""
     config = model.config
-    return (device.type == "cpu" and getattr(config, "_attn_implementation", None) in ("sdpa", attention.NAME)
+    impl = getattr(config, "_attn_implementation", None)
+    return (device.type == "cpu" and (impl == "sdpa" or (impl == attention.NAME and attention.packs(model)))
             and set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
             and not getattr(config, "sliding_window", None))
 

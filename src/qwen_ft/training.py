@@ -112,8 +112,11 @@ class PackedCollator(LeftPadCollator):
     `attention.SEGMENTS` so that each attends to itself only; logits only where an answer token is predicted
     (plus one unused last position), and `labels` (IGNORE, then those answer tokens) line up with them the way
     `answer_loss` reads a padded batch's last K+1 positions: the loss, the gradients and the Trainer's token count
-    are the padded batch's. Hand-written: transformers' padding-free collator (position ids only) needs a varlen
-    flash-attention kernel, which the CPU has not. `pack_above` 0: every batch packed."""
+    are the padded batch's. The linear layers and MLPs compute no padding; the attention lays the segments out
+    as [segments, longest] (the same scores as the padded batch, without the masked cross-example pairs).
+    Hand-written: transformers' padding-free path (restarting position ids) derives a block-diagonal mask over
+    the whole row, which sdpa would score in full (T^2 per head); it stays as a safety net - were the segment
+    keyword ever dropped, that mask still keeps the examples apart. `pack_above` 0: every batch packed."""
 
     def __init__(self, pad_id: int, pack_above: float = PACK_ABOVE_PADDING):
         super().__init__(pad_id)
@@ -603,7 +606,8 @@ def _build_trainer(cfg: TrainConfig, run: RunDir, model, tokenizer, train_ds, va
 
 def _collator(model, tokenizer, head: bool, cpu: bool):
     """Packed batches where every attention call honours them (LM-head training on the CPU with qwen-ft's
-    attention: no padding computed), else batches padded on the left (to a multiple of 8 on GPUs)."""
+    attention: no padding through the linear layers), else batches padded on the left (to a multiple of 8 on
+    GPUs)."""
     if head:
         return HeadCollator(tokenizer.pad_token_id, 8 if not cpu else None)
     if cpu and attention.packs(model):
