@@ -120,15 +120,20 @@ def loss_and_grads(model, b: dict) -> tuple[torch.Tensor, dict]:
 
 @pytest.mark.parametrize("max_scores", [None, 16])  # the matmul segments, and sdpa per segment (long rows)
 def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(monkeypatch, max_scores):
-    """PackedCollator + qwen-ft's attention: no padding computed, each example attending to itself only; the
-    loss and every LoRA gradient equal those of the same examples padded (fp32: to rounding), and the
-    Trainer's token count (labels after the first column) is the same."""
+    """PackedCollator + qwen-ft's attention: no padding through the linear layers, each example attending to
+    itself only; the loss and every LoRA gradient equal those of the same examples padded (fp32: to rounding),
+    and the Trainer's token count (labels after the first column) is the same. As in training, without a KV
+    cache (transformers then derives a block mask from the restarting positions; the segments must be used)."""
     from qwen_ft import attention
     from qwen_ft.training import PackedCollator
 
     if max_scores:
         monkeypatch.setattr(attention, "MAX_SCORES", max_scores)
+    segment_calls = []
+    original = attention.segment_attention
+    monkeypatch.setattr(attention, "segment_attention", lambda *a: segment_calls.append(1) or original(*a))
     model = tiny_lora_model()
+    model.config.use_cache = False
     assert not attention.packs(model)  # sdpa: no segments
     attention.use_on(model)
     assert attention.packs(model)
@@ -143,6 +148,7 @@ def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(monkeypatch, 
     assert packed["labels"][:, 1:].ne(-100).sum() == padded["labels"][:, 1:].ne(-100).sum() == 3 + 3 + 2 + 2
     loss_pad, grads_pad = loss_and_grads(model, padded)
     loss_pack, grads_pack = loss_and_grads(model, packed)
+    assert len(segment_calls) == 2  # one per layer: the segment path, not only the derived mask
     assert torch.allclose(loss_pack, loss_pad, atol=1e-6), (loss_pack.item(), loss_pad.item())
     assert grads_pack.keys() == grads_pad.keys()
     for name, g in grads_pad.items():
