@@ -120,6 +120,8 @@ class FlopCounter:
     def hook(self, module, args, kwargs):
         import torch
 
+        from qwen_ft.attention import SEGMENTS
+
         if not module.training:
             return
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -128,7 +130,7 @@ class FlopCounter:
         if ids is None:
             return
         b, t = ids.shape
-        segments = kwargs.get("qwen_ft_segments")  # a packed batch (training.PackedCollator): one row, no padding
+        segments = kwargs.get(SEGMENTS)  # a packed batch (training.PackedCollator): one row, no padding
         lengths = segments or (mask.sum(1).tolist() if mask is not None else [t] * b)
         self.samples += len(lengths)
         self.padded_tokens += b * t

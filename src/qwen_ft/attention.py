@@ -42,22 +42,22 @@ def matmul_attention(module, query, key, value, attention_mask, dropout: float =
     b, h, tq, d = query.shape
     hkv, tk = key.shape[1], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    scale = d ** -0.5 if scaling is None else scaling
+    # what only sdpa does: GPU tensors, dropout, soft-capping, sliding windows, query heads not grouped evenly
+    not_for_us = query.device.type != "cpu" or bool(dropout and module.training) or h % hkv \
+        or kwargs.get("softcap") is not None or bool(kwargs.get("sliding_window"))
     segments = kwargs.get(SEGMENTS)
     if segments is not None:  # a packed row: attending across its segments would be silently wrong, so no fallback
-        if b != 1 or query.device.type != "cpu" or h % hkv or kwargs.get("softcap") is not None \
-                or kwargs.get("sliding_window") or (dropout and module.training):
+        if not_for_us or b != 1:
             raise RuntimeError(f"packed segments ({SEGMENTS}) reached an attention call that cannot honour them "
                                f"(batch {b}, device {query.device.type}, dropout {dropout}, softcap "
                                f"{kwargs.get('softcap')}, sliding window {kwargs.get('sliding_window')})")
-        return segment_attention(query, key, value, segments, d ** -0.5 if scaling is None else scaling), None
-    if query.device.type != "cpu" or (dropout and module.training) or kwargs.get("softcap") is not None \
-            or kwargs.get("sliding_window") or h % hkv or b * h * tq * tk > MAX_SCORES \
-            or (attention_mask is None and not causal) \
+        return segment_attention(query, key, value, segments, scale), None
+    if not_for_us or b * h * tq * tk > MAX_SCORES or (attention_mask is None and not causal) \
             or (attention_mask is not None and attention_mask.dtype != torch.bool):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     g = h // hkv
-    scale = d ** -0.5 if scaling is None else scaling
     if attention_mask is None:  # causal: the queries are the last tq of the tk positions
         attention_mask = torch.ones(tq, tk, dtype=torch.bool, device=query.device).tril(tk - tq)
     else:  # [B, 1, 1, Tq, Tk] against scores [B, Hkv, g, Tq, Tk]
@@ -125,13 +125,19 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
+def full_attention_only(config) -> bool:
+    """Every layer attends to every earlier position: no sliding window, no recurrent/linear-attention layer
+    (either would see across the rows of a packed batch)."""
+    return (set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
+            and not getattr(config, "sliding_window", None))
+
+
 def packs(model) -> bool:
     """Whether every attention call of `model` (on the CPU, this attention) honours packed segments: full causal
     attention in every layer, no attention dropout, no soft-capping (those raise in matmul_attention)."""
     config = model.config
     return (next(model.parameters()).device.type == "cpu" and getattr(config, "_attn_implementation", None) == NAME
-            and set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
-            and not getattr(config, "sliding_window", None) and not getattr(config, "attention_dropout", 0.0)
+            and full_attention_only(config) and not getattr(config, "attention_dropout", 0.0)
             and getattr(config, "attn_logit_softcapping", None) is None)
 
 

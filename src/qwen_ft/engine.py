@@ -532,11 +532,9 @@ def _can_pack(model, device) -> bool:
     take none) or qwen-ft's CPU attention where it honours the segment lengths (`attention.packs`), and only
     full attention in every layer (a sliding window or a recurrent/linear-attention layer would see across
     the packed rows)."""
-    config = model.config
-    impl = getattr(config, "_attn_implementation", None)
-    return (device.type == "cpu" and (impl == "sdpa" or (impl == attention.NAME and attention.packs(model)))
-            and set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
-            and not getattr(config, "sliding_window", None))
+    impl = getattr(model.config, "_attn_implementation", None)
+    return device.type == "cpu" and ((impl == "sdpa" and attention.full_attention_only(model.config))
+                                     or (impl == attention.NAME and attention.packs(model)))
 
 
 def _one_pass(options: list[list[int]]) -> bool:

@@ -608,11 +608,12 @@ def _collator(model, tokenizer, head: bool, cpu: bool):
     """Packed batches where every attention call honours them (LM-head training on the CPU with qwen-ft's
     attention: no padding through the linear layers), else batches padded on the left (to a multiple of 8 on
     GPUs)."""
+    multiple = None if cpu else 8
     if head:
-        return HeadCollator(tokenizer.pad_token_id, 8 if not cpu else None)
+        return HeadCollator(tokenizer.pad_token_id, multiple)
     if cpu and attention.packs(model):
         return PackedCollator(tokenizer.pad_token_id)
-    return LeftPadCollator(tokenizer.pad_token_id, 8 if not cpu else None)
+    return LeftPadCollator(tokenizer.pad_token_id, multiple)
 
 
 def _tracking(report_to: str, run: RunDir) -> str:
