@@ -522,12 +522,14 @@ def main(argv=None) -> int:
 
     import torch
 
+    sys.path.insert(0, str(REPO / "src"))
+    from qwen_ft import malloc
+
     work = Path(a.workdir or tempfile.mkdtemp(prefix="qwen-ft-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     data = a.data if a.data in ("demo", "demo-mc") else str(Path(a.data).resolve())
     n_val = a.num_val_samples
     if n_val is None:
-        sys.path.insert(0, str(REPO / "src"))
         n_val = len(prepared_rows({"data": data, "task": a.task,
                                    "max_samples_per_category": a.max_samples_per_category}).splits["validation"])
     spec = {"model": a.model, "data": data, "task": a.task, "max_samples_per_category": a.max_samples_per_category,
@@ -547,6 +549,8 @@ def main(argv=None) -> int:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", which, "--spec", str(work / "spec.json"),
                "--out", str(out)]
         envvars = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+        if which == "ours":  # what the `qwen-ft` command sets up when it starts (malloc.relaunch_with_huge_pages)
+            envvars = malloc.environ_with_huge_pages(envvars) or envvars
         subprocess.run(cmd, check=True, env=envvars)
         results[which] = json.loads(out.read_text())
         print(json.dumps(results[which], indent=1), flush=True)

@@ -19,23 +19,33 @@ looked like half of a training step. That cost is real, once per process and hig
 `vs_reference.py`'s whole-run figures; this script shows the steady state. Even warm, the profiler itself
 disturbs memory reuse on such a VM: a packed 2,714-token step ran 4.65 s unprofiled and 12.3 s profiled
 (short steps 0.81 vs 0.94 s), so read its shares for short batches, and its absolute times not at all.
+
+So the split that decides the targets is taken without the profiler (`matmuls_alone` in the output): the same
+steps run unrecorded and timed, then once under a dispatch mode that records every matmul's shapes, strides and
+dtypes (aten mm / addmm / bmm / baddbmm: what linear layers, LoRA, the attention's products and the head reduce
+to), and each recorded matmul is then replayed alone on these threads. Their summed time is what the matmuls
+cost even with every other operator free; the counted FLOPs over it bound the MFU (or the validation ceiling
+fraction) these kernels allow.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from levers import TrainVariant, train_batches  # noqa: E402
-from vs_reference import matmul_peak  # noqa: E402
+from vs_reference import FlopCounter, matmul_peak  # noqa: E402
 
 from qwen_ft.config import DataArgs  # noqa: E402
 from qwen_ft.data.prepare import prepare  # noqa: E402
@@ -73,11 +83,117 @@ def matmul_flops(name: str, shapes: list) -> float:
     return 0.0
 
 
+MATMULS = {torch.ops.aten.mm.default: "aten::mm", torch.ops.aten.addmm.default: "aten::addmm",
+           torch.ops.aten.bmm.default: "aten::bmm", torch.ops.aten.baddbmm.default: "aten::baddbmm",
+           # under inference_mode these reach a dispatch mode whole, not as the mm/bmm they call
+           torch.ops.aten.linear.default: "aten::linear", torch.ops.aten.matmul.default: "aten::matmul"}
+
+
+def recorded_flops(name: str, shapes: list) -> float:
+    """matmul_flops, plus the whole linear / matmul calls a dispatch mode sees under inference_mode."""
+    if name == "aten::linear":  # x [..., K] times W [N, K]
+        (n, k), rows = shapes[1], torch.Size(shapes[0][:-1]).numel()
+        return 2.0 * rows * k * n
+    if name == "aten::matmul" and len(shapes[0]) >= 2 and len(shapes[1]) >= 2:  # [..., M, K] x [..., K, N]
+        (m, k), n = shapes[0][-2:], shapes[1][-1]
+        return 2.0 * torch.broadcast_shapes(shapes[0][:-2], shapes[1][:-2]).numel() * m * k * n
+    return matmul_flops(name, shapes)
+
+
+class TensorSig(NamedTuple):
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
+    requires_grad: bool  # it decides kernels: torch.matmul folds a 3-D input into one mm only for some
+
+
+def _sig(x):
+    if isinstance(x, torch.Tensor):
+        return TensorSig(tuple(x.shape), tuple(x.stride()), x.dtype, x.requires_grad)
+    if isinstance(x, (list, tuple)):
+        return tuple(_sig(e) for e in x)
+    return x
+
+
+def _build(sig):
+    """Inputs in exactly the recorded layout (transposed, sliced or expanded views included): random floats,
+    integer zeros (an index valid anywhere), boolean ones."""
+    if isinstance(sig, TensorSig):
+        storage = 1 + sum((n - 1) * st for n, st in zip(sig.shape, sig.stride)) if all(sig.shape) else 0
+        if sig.dtype.is_floating_point:
+            base = torch.randn(storage, dtype=sig.dtype, requires_grad=sig.requires_grad)
+        else:
+            base = torch.ones(storage, dtype=sig.dtype) if sig.dtype == torch.bool else torch.zeros(storage, dtype=sig.dtype)
+        return base.as_strided(sig.shape, sig.stride)  # a view of a base that requires a gradient does too
+    if isinstance(sig, tuple):
+        return tuple(_build(e) for e in sig)
+    return sig
+
+
+class OpRecorder(TorchDispatchMode):
+    """Counts every aten call by signature: the op, and each argument's shape, strides and dtype (or value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[tuple, int] = defaultdict(int)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        key = (func, _sig(args), tuple(sorted((k, _sig(v)) for k, v in kwargs.items())),
+               torch.is_inference_mode_enabled())
+        self.calls[key] += 1
+        return func(*args, **kwargs)
+
+
+def replay(calls: dict[tuple, int], min_seconds: float = 0.01) -> dict:
+    """Times each recorded call alone (warm, on these threads) and sums count x time per operator group; the
+    matmuls' FLOPs too. Calls that cannot run on made-up inputs are counted under `not_replayed`."""
+    seconds: dict[str, float] = defaultdict(float)
+    not_replayed: dict[str, int] = defaultdict(int)
+    flops = 0.0
+    for (func, sig, kwargs, inference), count in calls.items():
+        name = "aten::" + func.__name__.split(".")[0]
+        try:
+            args, kw = _build(sig), {k: _build(v) for k, v in kwargs}
+            with torch.inference_mode() if inference else torch.no_grad():  # as recorded; no graph either way
+                for _ in range(2):
+                    func(*args, **kw)
+                reps, t0 = 0, time.perf_counter()
+                while time.perf_counter() - t0 < min_seconds or reps < 3:
+                    func(*args, **kw)
+                    reps += 1
+        except Exception:  # e.g. an op whose made-up inputs are invalid (shapes that depend on the values)
+            not_replayed[name] += count
+            continue
+        seconds[replay_group(name)] += count * (time.perf_counter() - t0) / reps
+        if func in MATMULS:
+            flops += count * recorded_flops(MATMULS[func], [x.shape for x in sig if isinstance(x, TensorSig)])
+    return {"seconds": dict(seconds), "matmul_flops": flops, "not_replayed": dict(not_replayed)}
+
+
+VIEWS = ("aten::view", "aten::_unsafe_view", "aten::t", "aten::transpose", "aten::permute", "aten::expand",
+         "aten::as_strided", "aten::slice", "aten::select", "aten::unsqueeze", "aten::squeeze", "aten::alias",
+         "aten::detach", "aten::split", "aten::unbind", "aten::narrow", "aten::_reshape_alias", "aten::reshape")
+
+
+def replay_group(name: str) -> str:
+    if name in MATMULS.values():
+        return "matmuls"
+    if name in VIEWS:
+        return "views (no data moved)"
+    return group_of(name)
+
+
 def group_of(name: str) -> str:
     for group, keys in GROUPS.items():
         if any(k.lower() in name.lower() for k in keys):
             return group
     return "elementwise / norms / other"
+
+
+def usage() -> tuple[int, float]:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_minflt, r.ru_stime
 
 
 def main() -> None:
@@ -103,6 +219,12 @@ def main() -> None:
         # built (instruction KV cache included) and warmed up outside the profile
         engine = Classifier(model, encoder, precision, {"model_path": str(path)})
         engine.classify(rows, decode="constrained", batch_size=a.eval_batch_size)  # warm-up: every shape once
+        t0, before = time.perf_counter(), usage()
+        _, stats = engine.classify(rows, decode="constrained", batch_size=a.eval_batch_size)
+        plain_s, after = time.perf_counter() - t0, usage()
+        counted = stats["computed_tokens"] * FlopCounter(config, 0, []).forward_per_token  # vs_reference's ceiling
+        with OpRecorder() as recorder:
+            engine.classify(rows, decode="constrained", batch_size=a.eval_batch_size)
         t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             _, stats = engine.classify(rows, decode="constrained", batch_size=a.eval_batch_size)
@@ -117,11 +239,24 @@ def main() -> None:
                                 pack_above=PACK_ABOVE_PADDING if cpu else None)
         for b in batches:  # warm-up: every batch shape once (first-call costs and fresh pages, see above)
             variant.step(b)
+        lora = next(iter(variant.model.peft_config.values()))
+        counter = FlopCounter(config, lora.r, sorted(lora.target_modules))  # vs_reference's MFU numerator
+        hook = variant.model.register_forward_pre_hook(counter.hook, with_kwargs=True)
+        variant.times, before = [], usage()
+        for b in batches:
+            variant.step(b)
+        hook.remove()
+        after = usage()
+        plain_s, counted = sum(variant.times), counter.flops
+        what = {"train_steps": a.steps, "steps_s": [round(t, 3) for t in variant.times]}
+        with OpRecorder() as recorder:
+            for b in batches:
+                variant.step(b)
         variant.times, variant.tokens = [], []
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for b in batches:
                 variant.step(b)
-        seconds, tokens, what = sum(variant.times), sum(variant.tokens), {"train_steps": a.steps}
+        seconds, tokens = sum(variant.times), sum(variant.tokens)
     by_group: dict[str, float] = defaultdict(float)
     mm_flops = mm_time = 0.0
     for e in prof.key_averages(group_by_input_shape=True):
@@ -143,6 +278,22 @@ def main() -> None:
         "overall_matmul_gflops": round(mm_flops / seconds / 1e9, 1),
         "matmul_peak": peak,
         "top_ops_self_s": {e.key: round(e.self_cpu_time_total / 1e6, 3) for e in top},
+    }
+    alone = replay(recorder.calls)
+    mm_s = alone["seconds"].get("matmuls", 0.0)
+    # unprofiled: the pass's own time, and what each group of its operators costs replayed alone
+    result["unprofiled"] = {
+        "pass_s": round(plain_s, 3),
+        # first touches of memory (a fault each, ~16-30 us on a VM) show as system time
+        "pass_minor_faults": after[0] - before[0], "pass_system_s": round(after[1] - before[1], 3),
+        "ops_alone_s": {g: round(t, 3) for g, t in sorted(alone["seconds"].items(), key=lambda kv: -kv[1])},
+        "outside_the_ops_s": round(plain_s - sum(alone["seconds"].values()), 3),  # Python, autograd, memory
+        "not_replayed_calls": alone["not_replayed"],
+        "matmuls_share_of_pass": round(mm_s / plain_s, 3),
+        "matmuls_alone_of_peak": round(alone["matmul_flops"] / mm_s / 1e9 / peak["gflops"], 3) if mm_s else None,
+        # MFU (training) or validation ceiling fraction (--eval), counted as vs_reference.py counts them
+        "counted_of_peak": round(counted / plain_s / 1e9 / peak["gflops"], 3),
+        "counted_of_peak_if_only_matmuls_took_time": round(counted / mm_s / 1e9 / peak["gflops"], 3) if mm_s else None,
     }
     if result["matmul_kernel_gflops"]:
         result["matmul_kernels_of_peak"] = round(result["matmul_kernel_gflops"] / peak["gflops"], 3)

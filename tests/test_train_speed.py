@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from qwen_ft import cli, malloc
 from qwen_ft.config import LoraArgs
 from qwen_ft.models import apply_lora, frozen_in_compute_dtype
 from qwen_ft.training import LeftPadCollator, answer_loss
@@ -87,8 +88,8 @@ def test_allocator_thresholds_apply_on_glibc_unless_turned_off():
     # mallopt is process-wide and cannot be undone: each setting in its own process. (Whether glibc's defaults
     # fault freed pages in again depends on the process's history - 6,144 to 286,080 minor faults for the same
     # 20 cycles of 60 MB in repeated runs - so the speed is measured by the benchmarks, not asserted here.)
-    probe = "from qwen_ft.precision import resolve_precision, tune_allocator; resolve_precision('fp32'); " \
-            "print(tune_allocator())"
+    probe = "from qwen_ft.precision import resolve_precision; from qwen_ft.malloc import tune_allocator; " \
+            "resolve_precision('fp32'); print(tune_allocator())"
 
     def applied(mode: str) -> str:
         env = {**os.environ, "QWEN_FT_MALLOC": mode}
@@ -97,6 +98,37 @@ def test_allocator_thresholds_apply_on_glibc_unless_turned_off():
 
     assert applied("tuned") == "True" and applied("system") == "False"
 
+
+
+def thp_capable() -> bool:
+    return malloc.environ_with_huge_pages({}) is not None
+
+
+@pytest.mark.skipif(not thp_capable(), reason="needs glibc on Linux with transparent huge pages not 'never'")
+def test_huge_page_tunable_joins_other_tunables_once_and_respects_the_opt_out():
+    env = malloc.environ_with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "HOME": "/h"})
+    assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:" + malloc.HUGE_PAGES, "HOME": "/h"}
+    assert malloc.environ_with_huge_pages(env) is None  # already set: nothing to relaunch for
+    assert malloc.environ_with_huge_pages({"QWEN_FT_MALLOC": "system"}) is None
+
+
+@pytest.mark.skipif(not thp_capable(), reason="needs glibc on Linux with transparent huge pages not 'never'")
+def test_relaunch_replaces_the_process_once_with_the_tunable():
+    # the probe prints only after the relaunch: one line, from the same process id, with the tunable set
+    probe = "import os; from qwen_ft import malloc; malloc.relaunch_with_huge_pages(); " \
+            "print(os.getpid(), os.environ.get('GLIBC_TUNABLES'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "QWEN_FT_MALLOC")}
+    proc = subprocess.Popen([sys.executable, "-c", probe], env=env, stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out.splitlines() == [f"{proc.pid} {malloc.HUGE_PAGES}"]
+
+
+def test_cli_called_from_python_never_relaunches(monkeypatch):
+    def refuse():
+        raise AssertionError("main(argv) relaunched the calling process")
+
+    monkeypatch.setattr(malloc, "relaunch_with_huge_pages", refuse)
+    assert cli.main(["--help"]) == 0
 
 def features(lengths=(9, 5, 12, 30)) -> list[dict]:
     g = torch.Generator().manual_seed(2)

@@ -16,7 +16,7 @@ import re
 import sys
 import typing
 
-from qwen_ft import __version__
+from qwen_ft import __version__, malloc
 from qwen_ft import distributed as dist
 from qwen_ft.config import TrainConfig, coerce_layer, env_overrides, flag_for, flatten, load_yaml
 from qwen_ft.errors import UserError, from_os_error
@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the process's own command line (not a call from Python): glibc's tunables first
+        malloc.relaunch_with_huge_pages()
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]

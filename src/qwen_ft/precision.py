@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
-import platform
 
 import torch
 
 from qwen_ft.errors import UserError
+from qwen_ft.malloc import tune_allocator
 
 
 def cpu_supports_bf16() -> bool:
@@ -46,33 +45,6 @@ def configure_threads() -> int:
     tune_allocator()
     _threads_set = n
     return n
-
-
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-
-
-def tune_allocator() -> bool:
-    """CPU, glibc: keep freed memory in the process instead of handing it back to the system at once.
-
-    A forward pass allocates and frees tensors of several MB per layer; glibc serves each one above its mmap
-    threshold with a fresh mapping, or trims the heap top after a free, so the next pass faults every page in
-    again, zero-filled (a third of the step was system time; an elementwise op on a fresh 5 MB tensor ran at
-    1-2 GB/s). Fixed thresholds (32 MB, the largest glibc takes, and no trimming below 1 GB of free heap)
-    keep the pages: constrained validation of 112 MMLU-Pro questions 12.0 -> 14.1 samples/s (sdpa) and
-    14.5 -> 17.2 (the matmul attention), system time halved, in alternating processes on an AVX512-BF16 EPYC
-    (training was not measured on its own); tcmalloc preloaded (`LD_PRELOAD=libtcmalloc_minimal.so.4`) did
-    about as well. Peak memory is unchanged (the same tensors are live at the peak); the process just keeps its
-    high-water mark. QWEN_FT_MALLOC=system leaves glibc's defaults. Returns whether it applied."""
-    if torch.cuda.is_available() or os.environ.get("QWEN_FT_MALLOC") == "system" \
-            or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return all(libc.mallopt(param, value) == 1 for param, value in
-               ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20)))
 
 
 def resolve_precision(precision: str) -> str:
