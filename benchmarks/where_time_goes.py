@@ -149,6 +149,7 @@ def replay(calls: dict[tuple, int], min_seconds: float = 0.01) -> dict:
     """Times each recorded call alone (warm, on these threads) and sums count x time per operator group; the
     matmuls' FLOPs too. Calls that cannot run on made-up inputs are counted under `not_replayed`."""
     seconds: dict[str, float] = defaultdict(float)
+    by_op: dict[str, float] = defaultdict(float)
     not_replayed: dict[str, int] = defaultdict(int)
     flops = 0.0
     for (func, sig, kwargs, inference), count in calls.items():
@@ -165,10 +166,13 @@ def replay(calls: dict[tuple, int], min_seconds: float = 0.01) -> dict:
         except Exception:  # e.g. an op whose made-up inputs are invalid (shapes that depend on the values)
             not_replayed[name] += count
             continue
-        seconds[replay_group(name)] += count * (time.perf_counter() - t0) / reps
+        took = count * (time.perf_counter() - t0) / reps
+        seconds[replay_group(name)] += took
+        by_op[name] += took
         if func in MATMULS:
             flops += count * recorded_flops(MATMULS[func], [x.shape for x in sig if isinstance(x, TensorSig)])
-    return {"seconds": dict(seconds), "matmul_flops": flops, "not_replayed": dict(not_replayed)}
+    top = dict(sorted(by_op.items(), key=lambda kv: -kv[1])[:12])
+    return {"seconds": dict(seconds), "matmul_flops": flops, "not_replayed": dict(not_replayed), "top": top}
 
 
 VIEWS = ("aten::view", "aten::_unsafe_view", "aten::t", "aten::transpose", "aten::permute", "aten::expand",
@@ -289,6 +293,7 @@ def main() -> None:
         "ops_alone_s": {g: round(t, 3) for g, t in sorted(alone["seconds"].items(), key=lambda kv: -kv[1])},
         "outside_the_ops_s": round(plain_s - sum(alone["seconds"].values()), 3),  # Python, autograd, memory
         "not_replayed_calls": alone["not_replayed"],
+        "top_ops_alone_s": {op: round(t, 3) for op, t in alone["top"].items()},
         "matmuls_share_of_pass": round(mm_s / plain_s, 3),
         "matmuls_alone_of_peak": round(alone["matmul_flops"] / mm_s / 1e9 / peak["gflops"], 3) if mm_s else None,
         # MFU (training) or validation ceiling fraction (--eval), counted as vs_reference.py counts them
