@@ -20,12 +20,14 @@ looked like half of a training step. That cost is real, once per process and hig
 disturbs memory reuse on such a VM: a packed 2,714-token step ran 4.65 s unprofiled and 12.3 s profiled
 (short steps 0.81 vs 0.94 s), so read its shares for short batches, and its absolute times not at all.
 
-So the split that decides the targets is taken without the profiler (`matmuls_alone` in the output): the same
-steps run unrecorded and timed, then once under a dispatch mode that records every matmul's shapes, strides and
-dtypes (aten mm / addmm / bmm / baddbmm: what linear layers, LoRA, the attention's products and the head reduce
-to), and each recorded matmul is then replayed alone on these threads. Their summed time is what the matmuls
-cost even with every other operator free; the counted FLOPs over it bound the MFU (or the validation ceiling
-fraction) these kernels allow.
+So the split that decides the targets is taken without the profiler (`unprofiled` in the output): the same
+steps run unrecorded and timed (with their page faults and system time), then once under a dispatch mode that
+records every aten call with its arguments' shapes, strides, dtypes and `requires_grad`, and each recorded call
+is replayed alone, warm, on these threads. Per group that is what the operators cost by themselves; the pass's
+time beyond their sum is spent outside them (Python, autograd, dispatch, and memory the replay finds in cache).
+The matmuls' replayed time (linear layers, LoRA, the attention's products, the head) is what they cost even with
+everything else free: the counted FLOPs over it bound the MFU (or the validation ceiling fraction) that these
+kernels allow.
 """
 
 from __future__ import annotations

@@ -57,10 +57,12 @@ def environ_with_huge_pages(environ: dict[str, str]) -> dict[str, str] | None:
     transparent huge pages off (`never`), QWEN_FT_MALLOC=system, or the tunable already set.
 
     With it, the memory of a new high-water mark faults in 2 MB at a time instead of 4 KB: a whole training run
-    (`vs_reference.py`'s MMLU-Pro setting, 63 steps) spent 100.0-104.5 s in training steps against 109.1-113.5
-    without it, the first step 10.6-12.1 s against 14.8-18.0 (2-core AMD EPYC VM, alternating processes). It
-    changes where memory comes from, not what is computed. glibc reads its tunables only when a process starts,
-    hence an environment variable and `relaunch_with_huge_pages`, not a call like mallopt."""
+    (`vs_reference.py`'s MMLU-Pro setting, 63 steps) spent 100.0-107.2 s in training steps (4 runs) against
+    108.3-114.9 (5 runs) without it, the first step 10.6-15.2 s against 14.8-18.0 (2-core AMD EPYC VM, alternating
+    processes; a huge page can stall on the kernel's compaction, so single steps vary more). It changes where
+    memory comes from, not what is computed. glibc reads its tunables only when a process starts, hence an
+    environment variable and `relaunch_with_huge_pages`, not a call like mallopt. It applies on GPU machines
+    too (whether there is one is not known before torch is imported); there it only concerns host memory."""
     if not _glibc_linux(environ) or "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", ""):
         return None
     try:
