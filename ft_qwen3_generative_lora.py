@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # runs from a plain checkout too
 
+from qwen_ft import malloc  # noqa: E402
 from qwen_ft.cli import main  # noqa: E402
 
 MODES = {"train": "train", "validate": "validate", "test": "test"}
@@ -77,4 +78,5 @@ def translate(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    malloc.relaunch_with_huge_pages()  # as the qwen-ft command does
     raise SystemExit(main(translate(sys.argv[1:])))

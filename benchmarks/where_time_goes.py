@@ -80,6 +80,9 @@ def matmul_flops(name: str, shapes: list) -> float:
         if name == "aten::bmm":
             (b, m, k), (_, _, n) = shapes[0], shapes[1]
             return 2.0 * b * m * k * n
+        if name == "aten::baddbmm":
+            (b, m, k), (_, _, n) = shapes[1], shapes[2]
+            return 2.0 * b * m * k * n
     except (ValueError, IndexError, TypeError):
         pass
     return 0.0
@@ -107,11 +110,17 @@ class TensorSig(NamedTuple):
     stride: tuple
     dtype: torch.dtype
     requires_grad: bool  # it decides kernels: torch.matmul folds a 3-D input into one mm only for some
+    values: tuple | None = None  # integers: (min, max), so indices spread as recorded; booleans: share of True
 
 
 def _sig(x):
     if isinstance(x, torch.Tensor):
-        return TensorSig(tuple(x.shape), tuple(x.stride()), x.dtype, x.requires_grad)
+        values = None
+        if x.dtype == torch.bool:
+            values = (round(x.float().mean().item(), 2),) if x.numel() else (0.0,)
+        elif not x.dtype.is_floating_point and not x.dtype.is_complex and x.numel():
+            values = (int(x.min()), int(x.max()))
+        return TensorSig(tuple(x.shape), tuple(x.stride()), x.dtype, x.requires_grad, values)
     if isinstance(x, (list, tuple)):
         return tuple(_sig(e) for e in x)
     return x
@@ -119,13 +128,17 @@ def _sig(x):
 
 def _build(sig):
     """Inputs in exactly the recorded layout (transposed, sliced or expanded views included): random floats,
-    integer zeros (an index valid anywhere), boolean ones."""
+    random integers over the recorded range, booleans True in the recorded share. (Random, not the recorded
+    values: an index op's replay may find its rows more or less spread than in the pass.)"""
     if isinstance(sig, TensorSig):
         storage = 1 + sum((n - 1) * st for n, st in zip(sig.shape, sig.stride)) if all(sig.shape) else 0
         if sig.dtype.is_floating_point:
             base = torch.randn(storage, dtype=sig.dtype, requires_grad=sig.requires_grad)
+        elif sig.dtype == torch.bool:
+            base = torch.rand(storage) < (sig.values or (1.0,))[0]
         else:
-            base = torch.ones(storage, dtype=sig.dtype) if sig.dtype == torch.bool else torch.zeros(storage, dtype=sig.dtype)
+            low, high = sig.values or (0, 0)
+            base = torch.randint(low, high + 1, (storage,), dtype=sig.dtype)
         return base.as_strided(sig.shape, sig.stride)  # a view of a base that requires a gradient does too
     if isinstance(sig, tuple):
         return tuple(_build(e) for e in sig)
@@ -133,7 +146,8 @@ def _build(sig):
 
 
 class OpRecorder(TorchDispatchMode):
-    """Counts every aten call by signature: the op, and each argument's shape, strides and dtype (or value)."""
+    """Counts every aten call by signature: the op, each argument's shape, strides, dtype, requires_grad and
+    value range (or the value itself, for non-tensors), and whether inference mode was on."""
 
     def __init__(self):
         super().__init__()
@@ -179,7 +193,7 @@ def replay(calls: dict[tuple, int], min_seconds: float = 0.01) -> dict:
 
 VIEWS = ("aten::view", "aten::_unsafe_view", "aten::t", "aten::transpose", "aten::permute", "aten::expand",
          "aten::as_strided", "aten::slice", "aten::select", "aten::unsqueeze", "aten::squeeze", "aten::alias",
-         "aten::detach", "aten::split", "aten::unbind", "aten::narrow", "aten::_reshape_alias", "aten::reshape")
+         "aten::detach", "aten::split", "aten::unbind", "aten::narrow", "aten::_reshape_alias")
 
 
 def replay_group(name: str) -> str:

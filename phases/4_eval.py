@@ -11,7 +11,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from qwen_ft.commands.study import phase_script  # noqa: E402
+from qwen_ft import malloc  # noqa: E402
 
 if __name__ == "__main__":
+    malloc.relaunch_with_huge_pages()  # as the qwen-ft command does
+    from qwen_ft.commands.study import phase_script
+
     raise SystemExit(phase_script(["eval", "analysis"], sys.argv[1:], __doc__))

@@ -104,31 +104,66 @@ def thp_capable() -> bool:
     return malloc.environ_with_huge_pages({}) is not None
 
 
-@pytest.mark.skipif(not thp_capable(), reason="needs glibc on Linux with transparent huge pages not 'never'")
+needs_thp = pytest.mark.skipif(not thp_capable(), reason="needs Linux, glibc >= 2.35 and transparent huge pages "
+                                                         "in 'madvise' mode")
+
+
+@needs_thp
 def test_huge_page_tunable_joins_other_tunables_once_and_respects_the_opt_out():
     env = malloc.environ_with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "HOME": "/h"})
-    assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:" + malloc.HUGE_PAGES, "HOME": "/h"}
+    assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:" + malloc.HUGE_PAGES, "HOME": "/h",
+                   malloc.RELAUNCHED: "1"}
     assert malloc.environ_with_huge_pages(env) is None  # already set: nothing to relaunch for
+    # the restarted process never restarts again, even where glibc dropped GLIBC_TUNABLES (privileged processes)
+    assert malloc.environ_with_huge_pages({malloc.RELAUNCHED: "1"}) is None
     assert malloc.environ_with_huge_pages({"QWEN_FT_MALLOC": "system"}) is None
 
 
-@pytest.mark.skipif(not thp_capable(), reason="needs glibc on Linux with transparent huge pages not 'never'")
+@pytest.mark.parametrize("setting, applies", [("always [madvise] never", True), ("[always] madvise never", False),
+                                              ("always madvise [never]", False), (None, False)])
+def test_huge_page_tunable_only_where_glibc_would_use_it(tmp_path, monkeypatch, setting, applies):
+    if not malloc._glibc_linux({}, (2, 35)):
+        pytest.skip("needs Linux with glibc >= 2.35")
+    path = tmp_path / "enabled"
+    if setting is not None:  # None: the kernel has no such file (no THP support)
+        path.write_text(setting + "\n")
+    monkeypatch.setattr(malloc, "THP_SETTING", str(path))
+    assert (malloc.environ_with_huge_pages({}) is not None) == applies
+
+
+def run_probe(code: str) -> tuple[int, list[str]]:
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "QWEN_FT_MALLOC", malloc.RELAUNCHED)}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # a restart loop would otherwise outlive the test
+    assert proc.returncode == 0
+    return proc.pid, out.splitlines()
+
+
+@needs_thp
 def test_relaunch_replaces_the_process_once_with_the_tunable():
-    # the probe prints only after the relaunch: one line, from the same process id, with the tunable set
-    probe = "import os; from qwen_ft import malloc; malloc.relaunch_with_huge_pages(); " \
-            "print(os.getpid(), os.environ.get('GLIBC_TUNABLES'))"
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "QWEN_FT_MALLOC")}
-    proc = subprocess.Popen([sys.executable, "-c", probe], env=env, stdout=subprocess.PIPE, text=True)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and out.splitlines() == [f"{proc.pid} {malloc.HUGE_PAGES}"]
+    # what runs before the restart runs twice (the same command line again), what runs after it once: in the
+    # same process, with the tunable set
+    pid, lines = run_probe("import os; from qwen_ft import malloc; print('before', flush=True); "
+                           "malloc.relaunch_with_huge_pages(); print(os.getpid(), os.environ.get('GLIBC_TUNABLES'))")
+    assert lines == ["before", "before", f"{pid} {malloc.HUGE_PAGES}"]
 
 
-def test_cli_called_from_python_never_relaunches(monkeypatch):
+@needs_thp
+def test_the_command_entry_relaunches_and_python_callers_of_main_do_not(monkeypatch):
+    _, lines = run_probe("import sys; sys.argv = ['qwen-ft', '--version']; print('before', flush=True); "
+                         "from qwen_ft import cli; raise SystemExit(cli.run())")
+    assert lines[:2] == ["before", "before"] and lines[2].startswith("qwen-ft ")
+
     def refuse():
         raise AssertionError("main(argv) relaunched the calling process")
 
     monkeypatch.setattr(malloc, "relaunch_with_huge_pages", refuse)
     assert cli.main(["--help"]) == 0
+    assert cli.main(["--version"]) == 0
+
 
 def features(lengths=(9, 5, 12, 30)) -> list[dict]:
     g = torch.Generator().manual_seed(2)

@@ -53,7 +53,7 @@ def test_wheel_ships_the_demo_data_configs_and_console_script(wheel):
     for shipped in ("qwen_ft/data/demo_category.jsonl", "qwen_ft/data/demo_mc.jsonl", "qwen_ft/configs/demo.yaml"):
         assert shipped in names
     entry = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "qwen-ft = qwen_ft.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    assert "qwen-ft = qwen_ft.cli:run" in zipfile.ZipFile(wheel).read(entry).decode()
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
 
 

@@ -1,3 +1,3 @@
-from qwen_ft.cli import main
+from qwen_ft.cli import run
 
-raise SystemExit(main())
+raise SystemExit(run())

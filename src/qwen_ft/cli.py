@@ -112,9 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run() -> int:
+    """The `qwen-ft` command and `python -m qwen_ft`: the process's own entry, which may restart the process once
+    with glibc's tunables (malloc.relaunch_with_huge_pages) before it reads anything. Python callers use main()."""
+    malloc.relaunch_with_huge_pages()
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the process's own command line (not a call from Python): glibc's tunables first
-        malloc.relaunch_with_huge_pages()
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]

@@ -1,4 +1,5 @@
-"""glibc's allocator on CPU machines: keep freed pages (in the process), and ask for huge pages (at its start).
+"""glibc's allocator: keep freed pages (in the process, on CPU machines), and ask for huge pages (when a command
+starts, on any Linux machine with glibc).
 
 Both exist because of what a first touch of memory costs: on the VMs this project runs on, a 4 KB page faulted
 in for the first time cost ~16-30 us (the host backs the guest's memory lazily), so a training step whose
@@ -13,16 +14,22 @@ import os
 import platform
 import sys
 
-HUGE_PAGES = "glibc.malloc.hugetlb=1"  # glibc >= 2.35: madvise(MADV_HUGEPAGE) on the memory malloc obtains
+HUGE_PAGES = "glibc.malloc.hugetlb=1"  # glibc >= 2.35, THP in 'madvise' mode: madvise(MADV_HUGEPAGE) on malloc's memory
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+RELAUNCHED = "QWEN_FT_MALLOC_RELAUNCHED"  # set in the restarted process: never a second restart
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 
-def _glibc_linux(environ) -> bool:
-    return environ.get("QWEN_FT_MALLOC") != "system" and platform.system() == "Linux" \
-        and platform.libc_ver()[0] == "glibc"
+def _glibc_linux(environ, at_least: tuple[int, int] = (0, 0)) -> bool:
+    if environ.get("QWEN_FT_MALLOC") == "system" or platform.system() != "Linux":
+        return False
+    name, version = platform.libc_ver()
+    try:
+        return name == "glibc" and tuple(int(v) for v in version.split(".")[:2]) >= at_least
+    except ValueError:
+        return False
 
 
 def tune_allocator() -> bool:
@@ -35,7 +42,7 @@ def tune_allocator() -> bool:
     constrained validation of 112 MMLU-Pro questions 12.0 -> 14.1 samples/s (sdpa) and 14.5 -> 17.2 (the matmul
     attention), system time halved, in alternating processes on an AVX512-BF16 EPYC; tcmalloc preloaded
     (`LD_PRELOAD=libtcmalloc_minimal.so.4`) did about as well. Trimming was first allowed above 1 GB of free
-    heap, which a packed training step's ~2 GB of activations exceeds: each long step after short ones then
+    heap, which a long packed training step's activations (2-3 GB) exceed: each long step after short ones then
     faulted its memory in again (the same 3 warm steps, `benchmarks/where_time_goes.py`: 140,594 minor faults,
     3.6 s system time, 5.9 s in all; never trimming: 55,786, 1.4 s, 4.6 s). Peak memory is unchanged (the same
     tensors are live at the peak); the process keeps its high-water mark until it exits. Returns whether it
@@ -53,8 +60,10 @@ def tune_allocator() -> bool:
 
 
 def environ_with_huge_pages(environ: dict[str, str]) -> dict[str, str] | None:
-    """`environ` plus glibc's huge-page tunable, or None where it does not apply: not glibc on Linux,
-    transparent huge pages off (`never`), QWEN_FT_MALLOC=system, or the tunable already set.
+    """`environ` plus glibc's huge-page tunable, or None where it would do nothing or is not wanted: not Linux
+    with glibc >= 2.35, transparent huge pages not in 'madvise' mode (under 'always' glibc leaves them to the
+    kernel, under 'never' there are none), QWEN_FT_MALLOC=system, the tunable already set, or this process the
+    restarted one.
 
     With it, the memory of a new high-water mark faults in 2 MB at a time instead of 4 KB: a whole training run
     (`vs_reference.py`'s MMLU-Pro setting, 63 steps) spent 100.0-107.2 s in training steps (4 runs) against
@@ -63,25 +72,33 @@ def environ_with_huge_pages(environ: dict[str, str]) -> dict[str, str] | None:
     memory comes from, not what is computed. glibc reads its tunables only when a process starts, hence an
     environment variable and `relaunch_with_huge_pages`, not a call like mallopt. It applies on GPU machines
     too (whether there is one is not known before torch is imported); there it only concerns host memory."""
-    if not _glibc_linux(environ) or "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", ""):
+    if RELAUNCHED in environ or "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", "") \
+            or not _glibc_linux(environ, (2, 35)):
         return None
     try:
         with open(THP_SETTING) as f:
-            if "[never]" in f.read():
+            if "[madvise]" not in f.read():
                 return None
     except OSError:
         return None
     tunables = ":".join(t for t in (environ.get("GLIBC_TUNABLES"), HUGE_PAGES) if t)
-    return {**environ, "GLIBC_TUNABLES": tunables}
+    # the marker, not the tunable, stops a second restart: glibc drops GLIBC_TUNABLES for privileged processes
+    return {**environ, "GLIBC_TUNABLES": tunables, RELAUNCHED: "1"}
 
 
 def relaunch_with_huge_pages() -> None:
-    """The `qwen-ft` command's first step: replace this process by the same command (same process id,
-    arguments and open files) with glibc's huge-page tunable set. Does nothing where the tunable is set already
-    or does not apply, so it happens at most once; called before anything is read, computed or written."""
+    """The first step of the `qwen-ft` command (`cli.run`) and of the scripts that stand for it: replace this
+    process by the same command line (same process id and open files) with glibc's huge-page tunable set. Does
+    nothing where it does not apply (environ_with_huge_pages), so at most once; called before anything is read,
+    computed or written. A restart that fails (a sandbox refusing exec) leaves the process as it was: it only
+    costs speed."""
     env = environ_with_huge_pages(dict(os.environ))
     if env is None or not sys.executable or not getattr(sys, "orig_argv", None):
         return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError:
+        return
