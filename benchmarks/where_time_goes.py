@@ -110,16 +110,13 @@ class TensorSig(NamedTuple):
     stride: tuple
     dtype: torch.dtype
     requires_grad: bool  # it decides kernels: torch.matmul folds a 3-D input into one mm only for some
-    values: tuple | None = None  # integers: (min, max), so indices spread as recorded; booleans: share of True
+    values: bytes | None = None  # integers and booleans (indices, masks): their contents, as they decide the work
 
 
 def _sig(x):
     if isinstance(x, torch.Tensor):
-        values = None
-        if x.dtype == torch.bool:
-            values = (round(x.float().mean().item(), 2),) if x.numel() else (0.0,)
-        elif not x.dtype.is_floating_point and not x.dtype.is_complex and x.numel():
-            values = (int(x.min()), int(x.max()))
+        exact = not x.dtype.is_floating_point and not x.dtype.is_complex
+        values = x.detach().contiguous().cpu().numpy().tobytes() if exact else None
         return TensorSig(tuple(x.shape), tuple(x.stride()), x.dtype, x.requires_grad, values)
     if isinstance(x, (list, tuple)):
         return tuple(_sig(e) for e in x)
@@ -128,18 +125,18 @@ def _sig(x):
 
 def _build(sig):
     """Inputs in exactly the recorded layout (transposed, sliced or expanded views included): random floats,
-    random integers over the recorded range, booleans True in the recorded share. (Random, not the recorded
-    values: an index op's replay may find its rows more or less spread than in the pass.)"""
+    the recorded integers and booleans (which rows an index op touches, which a mask fills)."""
     if isinstance(sig, TensorSig):
         storage = 1 + sum((n - 1) * st for n, st in zip(sig.shape, sig.stride)) if all(sig.shape) else 0
-        if sig.dtype.is_floating_point:
+        if sig.values is None:
             base = torch.randn(storage, dtype=sig.dtype, requires_grad=sig.requires_grad)
-        elif sig.dtype == torch.bool:
-            base = torch.rand(storage) < (sig.values or (1.0,))[0]
-        else:
-            low, high = sig.values or (0, 0)
-            base = torch.randint(low, high + 1, (storage,), dtype=sig.dtype)
-        return base.as_strided(sig.shape, sig.stride)  # a view of a base that requires a gradient does too
+            return base.as_strided(sig.shape, sig.stride)  # a view of a base that requires a gradient does too
+        recorded = torch.frombuffer(bytearray(sig.values), dtype=sig.dtype) if sig.values else \
+            torch.empty(0, dtype=sig.dtype)
+        laid_out = torch.empty(storage, dtype=sig.dtype).as_strided(sig.shape, sig.stride)
+        if laid_out.numel() and torch._debug_has_internal_overlap(laid_out) == 1:  # an expanded view: the
+            return recorded.view(sig.shape).clone()  # values, not the layout (copy_ cannot write overlapping)
+        return laid_out.copy_(recorded.view(sig.shape))
     if isinstance(sig, tuple):
         return tuple(_build(e) for e in sig)
     return sig
