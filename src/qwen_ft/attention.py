@@ -94,12 +94,15 @@ def segment_attention(query, key, value, segments: list[int], scale: float) -> t
     lengths = torch.tensor(segments)
     slot = torch.arange(width)
     valid = slot < lengths[:, None]  # [S, L]
-    idx = ((lengths.cumsum(0) - lengths)[:, None] + slot).clamp(max=t - 1)  # a padding slot reads a real token
+    # a padding slot reads a real token; index_select, not advanced indexing: its backward is an index_add, where
+    # indexing's is an accumulating index_put (fwd + bwd of this gather, 1,557 tokens in 8 segments: 0.97 vs 3.85 ms)
+    idx = ((lengths.cumsum(0) - lengths)[:, None] + slot).clamp(max=t - 1).flatten()
     with torch.autocast(query.device.type, enabled=False):
         # [Hkv, S, g, L, D]: the g query heads of a key/value head, per segment
-        q = (query[0].view(hkv, g, t, d)[:, :, idx].transpose(1, 2).float() * scale).contiguous()
-        k_own = key[0, :, p:][:, idx].float()  # [Hkv, S, L, D]
-        v_own = value[0, :, p:][:, idx]
+        q = query[0].view(hkv, g, t, d).index_select(2, idx).view(hkv, g, n, width, d)
+        q = (q.transpose(1, 2).float() * scale).contiguous()
+        k_own = key[0, :, p:].index_select(1, idx).view(hkv, n, width, d).float()  # [Hkv, S, L, D]
+        v_own = value[0, :, p:].index_select(1, idx).view(hkv, n, width, d)
         own = torch.matmul(q.view(hkv * n, g * width, d), k_own.view(hkv * n, width, d).transpose(-1, -2))
         own = own.view(hkv, n, g, width, width)
         keep = torch.ones(width, width, dtype=torch.bool).tril() & valid[:, None, None, :]  # [S, 1, L, L]
@@ -112,9 +115,9 @@ def segment_attention(query, key, value, segments: list[int], scale: float) -> t
             out = (out.float() + torch.matmul(probs[..., p:], v_own).float()).to(value.dtype)  # one rounding
         else:
             out = torch.matmul(own.softmax(-1).to(value.dtype), v_own)
-    # [Hkv, S, g, L, D] -> [S, L, Hkv, g, D] -> the valid slots, in packed order -> [1, T, H, D]
-    out = out.view(hkv, n, g, width, d).permute(1, 3, 0, 2, 4)[valid]
-    return out.reshape(1, t, h, d)
+    # [Hkv, S, g, L, D] -> [S * L, Hkv, g, D] -> the valid slots, in packed order -> [1, T, H, D]
+    out = out.view(hkv, n, g, width, d).permute(1, 3, 0, 2, 4).reshape(n * width, h, d)
+    return out.index_select(0, valid.flatten().nonzero().squeeze(1)).view(1, t, h, d)
 
 
 def register() -> None:
