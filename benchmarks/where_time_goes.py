@@ -143,8 +143,9 @@ def _build(sig):
 
 
 class OpRecorder(TorchDispatchMode):
-    """Counts every aten call by signature: the op, each argument's shape, strides, dtype, requires_grad and
-    value range (or the value itself, for non-tensors), and whether inference mode was on."""
+    """Counts every aten call by signature: the op, each argument's shape, strides, dtype and requires_grad (and
+    its contents for integer and boolean tensors; the value itself for non-tensors), and whether inference mode
+    was on."""
 
     def __init__(self):
         super().__init__()

@@ -82,7 +82,6 @@ def test_fp32_precision_leaves_the_model_untouched():
         assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_allocator_thresholds_apply_on_glibc_unless_turned_off():
     # mallopt is process-wide and cannot be undone: each setting in its own process. (Whether glibc's defaults
@@ -97,7 +96,6 @@ def test_allocator_thresholds_apply_on_glibc_unless_turned_off():
                               check=True).stdout.strip()
 
     assert applied("tuned") == "True" and applied("system") == "False"
-
 
 
 def thp_capable() -> bool:
