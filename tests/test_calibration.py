@@ -102,7 +102,7 @@ def test_validate_calibrate_then_every_consumer_reports_calibrated_probabilities
     cal = json.loads((run / "calibration.json").read_text())
     assert set(cal) == {"written_by", "temperature", "fitted_on", "n", "decode", "normalize", "precision",
                         "nll_before", "nll_after", "ece_before", "ece_after", "ece_cross_fitted",
-                        "cross_fit_temperatures", "n_bins"}
+                        "cross_fit_temperatures", "n_bins", "adapter_scale"}
     assert cal["fitted_on"] == "split:validation" and cal["n"] == len(RunDir(run).split("validation"))
     assert (cal["decode"], cal["normalize"]) == ("exact", "none") and cal["nll_after"] <= cal["nll_before"]
     t = cal["temperature"]

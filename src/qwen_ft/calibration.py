@@ -229,4 +229,5 @@ def record(report: dict) -> dict:
              fit_["ece_before"], fit_["ece_after"], fit_["ece_cross_fitted"])
     return {"temperature": fit_["temperature"], "fitted_on": report["data"], "n": fit_["n"], "decode": report["decode"],
             "normalize": report["normalize"], "precision": report["precision"],
+            "adapter_scale": report.get("adapter_scale", 1.0),
             **{k: v for k, v in fit_.items() if k not in ("temperature", "n")}}

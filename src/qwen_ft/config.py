@@ -75,6 +75,16 @@ class DataArgs:
         "one copy of every training row with about RATE of its question's characters swapped, dropped or "
         "duplicated (seeded with --seed; ids end in '-aug'). Doubles the training rows; validation and test "
         "are never touched.", "--augment")
+    dedup: str | None = arg(
+        None, "The near-duplicate screen (always run; counts in run.json) drops evaluation rows that copy a training "
+        "row: exact (after normalising case, punctuation and spacing) or near (also word-bigram Jaccard >= 0.8).",
+        "--dedup", (None, "exact", "near"))
+    holdout_groups: list[str] | None = arg(
+        None, "With --split-by: hold out exactly these groups as the test split instead of drawing them "
+        "(cross-validation folds).", "--holdout-groups")
+    balance: str | None = arg(
+        None, "oversample: repeat the training rows of smaller labels (seeded) until every label has as many "
+        "as the largest (class-balanced sampling).", "--balance", (None, "oversample"))
     answer_format: str = arg("letter", "Multiple choice: the model writes the letter, or the text of the correct "
                              "choice (mapped back to its letter; for models too small to bind letters).",
                              "--answer-format", ("letter", "text"))
@@ -173,6 +183,9 @@ class TrainConfig:
         p.check(da.val_fraction + da.test_fraction < 0.9, "--val-fraction + --test-fraction must leave >= 10% for training")
         p.check(not da.split_by or da.test_fraction > 0, f"--split-by {da.split_by} holds groups out as the test "
                 f"split and needs --test-fraction > 0 (got {da.test_fraction})")
+        p.check(not da.holdout_groups or bool(da.split_by), "--holdout-groups names groups of --split-by COLUMN")
+        p.check(da.dedup in (None, "exact", "near"), f"--dedup must be exact or near (got {da.dedup!r})")
+        p.check(da.balance in (None, "oversample"), f"--balance must be oversample (got {da.balance!r})")
         if da.augment is not None:
             from qwen_ft.data.perturb import parse_perturbation
 
@@ -456,7 +469,7 @@ def save_yaml(obj, path: Path) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-LATER_DATA_FIELDS = ("split_by", "augment", "max_train_samples_per_category")  # off (None), they hash as before they existed
+LATER_DATA_FIELDS = ("split_by", "augment", "max_train_samples_per_category", "dedup", "holdout_groups", "balance")  # off (None), they hash as before they existed
 
 
 def without_later_data_fields(data: dict) -> dict:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from qwen_ft import attention
+from qwen_ft import attention, selective
 from qwen_ft import calibration as calib
 from qwen_ft import distributed as dist
 from qwen_ft.encoding import PromptEncoder, check_head_prompt
@@ -108,16 +108,15 @@ class Classifier:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path, *, base_model: str | None = None, precision: str = "auto", adapter: bool = True,
-             trust_remote_code: bool = False) -> Classifier:
+             trust_remote_code: bool = False, adapter_scale: float = 1.0) -> Classifier:
         """A run folder (base + adapter, merged into the weights) or a merged model folder (merge.json).
 
-        `adapter=False` scores the base model alone with the run's prompt (the untrained baseline).
+        `adapter=False` scores the base model alone with the run's prompt (the untrained baseline);
+        `adapter_scale` multiplies the adapter's update (0: the base, 1: the run; see `check_adapter_scale`).
+        The folder's calibration.json and threshold.json apply only at the adapter scale they were fitted at.
         Remote code runs only when `trust_remote_code` is passed here (the command-line flag); a folder
         that recorded it is refused without it, never taken as permission.
         """
-        import yaml
-
-        from qwen_ft.config import TrainConfig
         from qwen_ft.models import (
             check_adapter_matches,
             load_adapter,
@@ -133,14 +132,13 @@ class Classifier:
 
         folder = Path(path)
         merged = (folder / "merge.json").is_file() and (folder / "label_mapping.json").is_file()
+        check_adapter_scale(adapter_scale, merged, adapter)
         if not merged:
             RunDir(folder).require_complete()
         elif not adapter:
             raise UserError(f"{folder} is a merged model: it has no separate adapter to leave out",
                             "Pass the run folder it was merged from to score the base model alone.")
-        if not (folder / "config.yaml").is_file():
-            raise UserError(f"{folder} has no config.yaml", "Pass a run folder or a folder written by qwen-ft merge.")
-        cfg = TrainConfig.from_dict(yaml.safe_load((folder / "config.yaml").read_text()), "config.yaml")
+        cfg = RunDir(folder).config()
         require_trust(folder, cfg.model.trust_remote_code, trust_remote_code)
         prec = resolve_precision(precision)
         dtype = inference_dtype(prec)
@@ -162,17 +160,49 @@ class Classifier:
             model = load_model(model_path, dtype, dist.device(), cfg.model.attn_implementation, trust_remote_code,
                                **head)
             if adapter:
-                model = load_adapter(model, folder, merge=True)
+                model = load_adapter(model, folder, merge=True, scale=adapter_scale)
         encoder = PromptEncoder(tokenizer, Task.from_mapping(mapping), cfg.model.max_length)
         info = {"model_path": str(folder), "kind": "merged" if merged else "run", "base_model": model_path,
-                "adapter": adapter, "precision": prec}
+                "adapter": adapter, "precision": prec, "adapter_scale": adapter_scale}
         if dtype in (torch.bfloat16, torch.float16) and not head:
             fp32_logits(model)
         calibration = RunDir(folder).calibration() if adapter else None  # fitted for the adapter's scores
+        if calibration and float(calibration.get("adapter_scale", 1.0)) != adapter_scale:
+            log.warning("calibration.json was fitted at adapter scale %g, not %g: probabilities are raw",
+                        calibration.get("adapter_scale", 1.0), adapter_scale)
+            calibration = None
         if calibration:
             log.info("calibration.json: temperature %.4g for --decode %s --normalize %s",
                      calibration["temperature"], calibration["decode"], calibration["normalize"])
-        return cls(model, encoder, prec, info, calibration)
+        clf = cls(model, encoder, prec, info, calibration)
+        clf.threshold = RunDir(folder).threshold() if adapter else None
+        return clf
+
+    threshold: dict | None = None  # threshold.json (validate --fit-threshold), applied by abstention()
+
+    def abstention(self, min_confidence: float | None = None, fallback: str | None = None, decode: str = "auto",
+                   normalize: str = "auto") -> selective.Abstention | None:
+        """The abstention rule for this scoring: `min_confidence` when given, else the folder's threshold.json
+        when it was fitted for the same decode, normalize, temperature and adapter scale; None: never abstain."""
+        if min_confidence is not None and not (isinstance(min_confidence, (int, float)) and 0 <= min_confidence <= 1):
+            raise UserError(f"--min-confidence must be a probability in [0, 1] (got {min_confidence!r})")
+        if fallback is not None and not (isinstance(fallback, str) and fallback.strip()):
+            raise UserError("--fallback-label must be a non-empty text")
+        fallback = fallback or selective.fallback_label(self.labels)
+        if min_confidence is not None:
+            return selective.Abstention(float(min_confidence), fallback, "--min-confidence")
+        fitted = self.threshold
+        if fitted is None or fitted["threshold"] is None:
+            return None
+        decode, normalize = self.scoring(decode, normalize)
+        same = (fitted["decode"], fitted["normalize"], fitted.get("temperature"),
+                float(fitted.get("adapter_scale", 1.0))) == (decode, normalize, self.temperature(decode, normalize),
+                                                             float(self.info.get("adapter_scale", 1.0)))
+        if not same:
+            log.warning("threshold.json was fitted for --decode %s --normalize %s at temperature %s: not applied "
+                        "to this scoring", fitted["decode"], fitted["normalize"], fitted.get("temperature"))
+            return None
+        return selective.Abstention(float(fitted["threshold"]), fallback, "threshold.json")
 
     # ------------------------------------------------------------------ what it answers
     @property
@@ -343,6 +373,12 @@ class Classifier:
             report["calibration"]["fitted_on_these_rows"] = fitted is not None  # then its ECE is optimistic
             if fitted is not None:
                 report["calibration"]["fit"] = fitted
+        # the risk-coverage curve of the probabilities reported (what --min-confidence and threshold.json compare)
+        report["selective"] = None
+        if decode != "free" and rows:
+            report["selective"] = selective.risk_coverage([r["probability"] for r in results],
+                                                          [r["pred"] == g for r, g in zip(results, golds)])
+            report["selective"]["temperature"] = temperature
         predictions = []
         for row, res in zip(rows, results):
             pred = {"id": row.get("id"), "label": row["label"], "pred": res["pred"],
@@ -524,6 +560,18 @@ def fp32_logits(model) -> None:
     head = model.get_output_embeddings()
     if isinstance(head, torch.nn.Linear):
         model.set_output_embeddings(_Fp32Head(head.weight, head.bias))
+
+
+def check_adapter_scale(scale, merged: bool, adapter: bool) -> None:
+    """--adapter-scale: a number in [0, 1] (0 the base model, 1 the trained run), for a run folder's adapter."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= scale <= 1.0:
+        raise UserError(f"--adapter-scale must be a number in [0, 1] (got {scale!r})",
+                        "0 scores the base model, 1 the trained run, values between interpolate.")
+    if scale != 1.0 and merged:
+        raise UserError("--adapter-scale applies to a run folder, and this is a merged model (its adapter is "
+                        "already in the weights)", "Pass the run folder, or merge it with --adapter-scale.")
+    if scale != 1.0 and not adapter:
+        raise UserError("--adapter-scale scales the adapter, and --baseline leaves it out", "Drop one of them.")
 
 
 def _can_pack(model, device) -> bool:

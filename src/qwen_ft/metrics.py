@@ -29,6 +29,7 @@ def classification_report(golds: list[str], preds: list[str | None], labels: lis
         "n": n,
         "accuracy": correct / n if n else 0.0,
         "accuracy_ci95": [low, high],
+        "balanced_accuracy": balanced_accuracy(golds, preds),
         # macro-F1 over the labels that occur (gold or predicted): a label absent from a subsample
         # (e.g. --num-val-samples 50) would otherwise count as F1 = 0
         "macro_f1": float(f1_score(golds, preds, labels=[lab for lab in labels if lab in set(golds) | set(preds)],
@@ -38,6 +39,41 @@ def classification_report(golds: list[str], preds: list[str | None], labels: lis
         "per_label": {lab: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
                       for lab, p, r, f, s in zip(labels, prec, rec, f1, support)},
     }
+
+
+def balanced_accuracy(golds: list[str], preds: list[str | None]) -> float:
+    """Mean recall over the gold labels present: a constant predictor scores 1/K on K labels, whatever
+    their shares (plain accuracy rewards it with the largest label's share)."""
+    hits: dict[str, list[int]] = {}
+    for g, p in zip(golds, preds):
+        hits.setdefault(g, []).append(int(g == p))
+    return sum(sum(h) / len(h) for h in hits.values()) / len(hits) if hits else 0.0
+
+
+LENGTH_BANDS = ((0, 32, "<32"), (32, 64, "32-64"), (64, 128, "64-128"), (128, None, ">=128"))
+
+
+def length_band(n_tokens: int) -> str:
+    """The question-length band (tokens) a row falls in."""
+    for low, high, name in LENGTH_BANDS:
+        if n_tokens >= low and (high is None or n_tokens < high):
+            return name
+    raise ValueError(n_tokens)
+
+
+def slice_report(keys: list[str], golds: list[str], preds: list[str | None]) -> dict:
+    """Per slice value: n, accuracy with its 95 % Wilson interval, balanced accuracy; largest slice first."""
+    members: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        members.setdefault(k, []).append(i)
+    out = {}
+    for key in sorted(members, key=lambda k: (-len(members[k]), k)):
+        idx = members[key]
+        g, p = [golds[i] for i in idx], [preds[i] for i in idx]
+        correct = sum(a == b for a, b in zip(g, p))
+        out[key] = {"n": len(idx), "accuracy": correct / len(idx), "accuracy_ci95": list(accuracy_ci(correct, len(idx))),
+                    "balanced_accuracy": balanced_accuracy(g, p)}
+    return out
 
 
 def confusion(golds: list[str], preds: list[str | None], labels: list[str]):

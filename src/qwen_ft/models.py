@@ -250,9 +250,11 @@ def apply_lora(model, lora: LoraArgs, gradient_checkpointing: bool = False):
     return get_peft_model(model, config)
 
 
-def load_adapter(model, run_dir: Path, merge: bool):
-    """Base model + the run's adapter; merged into the weights when `merge` (fastest inference)."""
+def load_adapter(model, run_dir: Path, merge: bool, scale: float = 1.0):
+    """Base model + the run's adapter; merged into the weights when `merge` (fastest inference). `scale`
+    multiplies the LoRA update (WiSE-FT-style interpolation toward the base: 0 is the base, 1 the trained run)."""
     from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
 
     check_adapter_files(Path(run_dir))
     try:
@@ -263,6 +265,10 @@ def load_adapter(model, run_dir: Path, merge: bool):
         raise UserError(f"cannot load the LoRA adapter of {run_dir}: {type(e).__name__}: {str(e)[:500]}",
                         "adapter_config.json and adapter_model.safetensors must come from the same run, on this "
                         "base model: restore them, or retrain.") from None
+    if scale != 1.0:
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                module.scale_layer(scale)
     if not merge:
         return model
     # merge_and_unload leaves every weight with requires_grad=False; with that, constrained validation of

@@ -11,6 +11,7 @@ Layout (see README):
     COMPLETE               written last, atomically; readers refuse a folder without it
     eval/                  outputs of `qwen-ft validate`
     calibration.json       the temperature fitted by `qwen-ft validate --calibrate` (optional)
+    threshold.json         the confidence threshold fitted by `qwen-ft validate --fit-threshold` (optional)
 """
 
 from __future__ import annotations
@@ -190,6 +191,32 @@ class RunDir:
                     ([f"labels no training row has: {', '.join(extra)}"] if extra else [])
             raise UserError(f"{path} disagrees with the run's split files ({'; '.join(parts)})", hint)
 
+    def config(self):
+        """config.yaml as a TrainConfig (checked: unknown keys and bad values are one UserError)."""
+        import yaml
+
+        from qwen_ft.config import TrainConfig
+
+        path = self.path / "config.yaml"
+        if not path.is_file():
+            raise UserError(f"{self.path} has no config.yaml", "Pass a run folder or a folder written by qwen-ft merge.")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, yaml.YAMLError) as e:
+            raise UserError(f"{path} is not valid YAML: {str(e)[:200]}", "Restore it from the run, or retrain.") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path} is not a YAML mapping", "Restore it from the run, or retrain.")
+        return TrainConfig.from_dict(data, "config.yaml")
+
+    def metrics(self) -> list[dict]:
+        """metrics.jsonl's records (a line torn by a killed writer is skipped)."""
+        return read_jsonl_tolerant(self.path / "metrics.jsonl")
+
+    def final_metrics(self) -> dict | None:
+        """metrics.jsonl's "final" record (time, tokens/s, memory), or None for an unfinished run."""
+        finals = [m for m in self.metrics() if m.get("type") == "final"]
+        return finals[-1] if finals else None
+
     def info(self) -> dict:
         return self._json(self.path / "run.json", "run.json is written by `qwen-ft train`; retrain the run.")
 
@@ -214,6 +241,28 @@ class RunDir:
         """Write calibration.json atomically (temp file + os.replace)."""
         self.check_calibration_writable()
         path = self.path / CALIBRATION
+        write_json(path, {"written_by": WRITER, **data})
+        return path
+
+    def threshold(self) -> dict | None:
+        """threshold.json (the confidence below which predict and serve abstain), checked; None when absent."""
+        from qwen_ft.selective import check_threshold
+
+        path = self.path / THRESHOLD
+        if not path.is_file():
+            return None
+        return check_threshold(self._json(path, THRESHOLD_HINT), path)
+
+    def check_threshold_writable(self) -> None:
+        path = self.path / THRESHOLD
+        if path.exists() and not written_by_us(self.path, THRESHOLD):
+            raise UserError(f"{path} exists and was not written by `qwen-ft validate --fit-threshold`; it is left "
+                            "as is", "Move it away, then run --fit-threshold again.")
+
+    def write_threshold(self, data: dict) -> Path:
+        """Write threshold.json atomically (temp file + os.replace)."""
+        self.check_threshold_writable()
+        path = self.path / THRESHOLD
         write_json(path, {"written_by": WRITER, **data})
         return path
 
@@ -376,6 +425,8 @@ WRITER = "qwen-ft"
 RUN_MARKER = "run.json"  # training runs
 MERGE_MARKER = "merge.json"  # merged model folders
 CALIBRATION = "calibration.json"  # the temperature of `qwen-ft validate --calibrate`
+THRESHOLD = "threshold.json"  # the abstention threshold of `qwen-ft validate --fit-threshold`
+THRESHOLD_HINT = "threshold.json is written by `qwen-ft validate --fit-threshold`: run it again, or remove the file."
 
 
 def written_by_us(folder: Path, marker: str = RUN_MARKER) -> bool:

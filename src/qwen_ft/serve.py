@@ -49,6 +49,8 @@ class Limits:
     max_chars: int = 20_000  # characters per text
     decode: str = "auto"
     normalize: str = "auto"
+    min_confidence: float | None = None  # abstain below it (else the run's threshold.json, if any)
+    fallback_label: str | None = None
 
     @property
     def max_body_bytes(self) -> int:
@@ -183,6 +185,7 @@ class Batcher:
         self.pending_texts = 0
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen-ft-infer")
         self.classifier = None
+        self.abstain = None  # the classifier's abstention rule (selective.Abstention), set when it loads
         self.load_error: str | None = None
         self.draining = False
         self._carry: Pending | None = None
@@ -256,8 +259,11 @@ class Batcher:
         self.pending_texts -= len(rows)
 
     def _classify(self, rows: list[dict], top_k: int):
-        return self.classifier.classify(rows, decode=self.limits.decode, normalize=self.limits.normalize,
-                                        top_k=top_k, batch_size=self.limits.max_batch_size)
+        results, stats = self.classifier.classify(rows, decode=self.limits.decode, normalize=self.limits.normalize,
+                                                  top_k=top_k, batch_size=self.limits.max_batch_size)
+        if self.abstain is not None:
+            results = [self.abstain.apply(r) for r in results]
+        return results, stats
 
 
 # ----------------------------------------------------------------------------- the app
@@ -278,7 +284,10 @@ def create_app(load: Callable[[], object], *, limits: Limits | None = None, api_
 
         async def load_model():
             try:
-                batcher.classifier = await loop.run_in_executor(batcher.executor, load)
+                classifier = await loop.run_in_executor(batcher.executor, load)
+                batcher.abstain = classifier.abstention(limits.min_confidence, limits.fallback_label, limits.decode,
+                                                        limits.normalize)
+                batcher.classifier = classifier
                 log.info("model loaded: %s (%d labels); serving", model_name, len(batcher.classifier.labels))
             except Exception as e:
                 batcher.load_error = e.message if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
@@ -400,8 +409,11 @@ def create_app(load: Callable[[], object], *, limits: Limits | None = None, api_
         return await batcher.submit(rows, top_k)
 
     def result(res: dict, top_k: int) -> dict:
-        return {"label": res["pred"], "probability": res["probability"], "raw_probability": res["raw_probability"],
-                "top": [{"label": lab, "probability": p} for lab, p in res["top"][:top_k]]}
+        out = {"label": res["pred"], "probability": res["probability"], "raw_probability": res["raw_probability"],
+               "top": [{"label": lab, "probability": p} for lab, p in res["top"][:top_k]]}
+        if "abstained" in res:
+            out.update({"abstained": res["abstained"], "model_label": res.get("model_label", res["pred"])})
+        return out
 
     @app.get("/health")
     async def health():

@@ -537,7 +537,8 @@ def _write_run_start(run: RunDir, r: Resolved, prepared: Prepared, precision: st
             "preset": r.preset, "base_shape": r.base_shape, "precision": precision, "world_size": world,
             "per_device_batch": r.config.train.batch_size, "global_batch": global_batch,
             "truncated_prompts": n_truncated, "command": " ".join(sys.argv),
-            **({"split_groups": prepared.groups} if prepared.groups else {}), **env_info(),
+            **({"split_groups": prepared.groups} if prepared.groups else {}),
+            **({"near_duplicates": prepared.screen} if prepared.screen else {}), **env_info(),
         })
         (out / "metrics.jsonl").write_text("")
 

@@ -128,9 +128,9 @@ def plain(value):
 
 # ----------------------------------------------------------------------------- writing
 
-def output_columns(has_id: bool, top: int) -> list[str]:
+def output_columns(has_id: bool, top: int, abstains: bool = False) -> list[str]:
     return [*(["id"] if has_id else []), "label", "probability", "raw_probability", *(["top"] if top > 1 else []),
-            "error"]
+            *(["abstained", "model_label"] if abstains else []), "error"]
 
 
 def convert(partial: Path, target: Path, fmt: str, chunk_rows: int, columns: list[str]) -> None:
@@ -169,7 +169,8 @@ def _write_parquet(records: Iterator[dict], tmp: Path, chunk_rows: int, columns:
     import pyarrow.parquet as pq
 
     fields = {"id": pa.string(), "label": pa.string(), "probability": pa.float64(),
-              "raw_probability": pa.float64(), "error": pa.string(),
+              "raw_probability": pa.float64(), "error": pa.string(), "abstained": pa.bool_(),
+              "model_label": pa.string(),
               "top": pa.list_(pa.struct([("label", pa.string()), ("probability", pa.float64())]))}
     schema = pa.schema([(k, fields[k]) for k in columns])
     with pq.ParquetWriter(tmp, schema) as writer:
@@ -207,7 +208,8 @@ def run_predict_file(model_path: str, input_path: str, output_path: str, top: in
                      batch_size: int = 32, chunk_rows: int = 1024, id_column: str | None = None,
                      text_column: str | None = None, decode: str = "auto", normalize: str = "auto",
                      input_format: str | None = None, overwrite: bool = False, base_model: str | None = None,
-                     precision: str = "auto", trust_remote_code: bool = False) -> dict:
+                     precision: str = "auto", trust_remote_code: bool = False, min_confidence: float | None = None,
+                     fallback_label: str | None = None, adapter_scale: float = 1.0) -> dict:
     if top < 1 or batch_size < 1 or chunk_rows < 1:
         raise UserError(f"--top, --batch-size and --chunk-rows must be >= 1 (got {top}, {batch_size}, {chunk_rows})")
     in_fmt = file_format(input_path, input_format, "input")
@@ -222,7 +224,10 @@ def run_predict_file(model_path: str, input_path: str, output_path: str, top: in
     settings = {"model_path": str(Path(model_path).resolve()), "input": input_path if input_path == "-" else
                 str(Path(input_path).resolve()), "top": top, "batch_size": batch_size, "chunk_rows": chunk_rows,
                 "id_column": id_column, "text_column": text_column, "decode": decode, "normalize": normalize,
-                "base_model": base_model, "precision": precision}
+                "base_model": base_model, "precision": precision,
+                **({"min_confidence": min_confidence, "fallback_label": fallback_label}
+                   if min_confidence is not None or fallback_label is not None else {}),
+                **({"adapter_scale": adapter_scale} if adapter_scale != 1.0 else {})}
     if resume:
         if state is None or not progress.partial.is_file():
             hint = "It is already complete." if output.exists() else "Drop --resume to start."
@@ -238,7 +243,12 @@ def run_predict_file(model_path: str, input_path: str, output_path: str, top: in
         if output.exists() and not overwrite:
             raise UserError(f"--output {output} already exists", "Pass --overwrite to replace it, or choose another file.")
         output.parent.mkdir(parents=True, exist_ok=True)
-    clf = Classifier.load(model_path, base_model=base_model, precision=precision, trust_remote_code=trust_remote_code)
+    clf = Classifier.load(model_path, base_model=base_model, precision=precision, trust_remote_code=trust_remote_code,
+                          adapter_scale=adapter_scale)
+    abstain = clf.abstention(min_confidence, fallback_label, decode, normalize)
+    if abstain is not None:
+        log.info("abstaining below probability %.6g (%s): answering %r", abstain.threshold, abstain.source,
+                 abstain.fallback)
     done = state["rows"] if resume else 0
     records = read_records(input_path, in_fmt, chunk_rows)
     first = next(records, None)
@@ -260,7 +270,7 @@ def run_predict_file(model_path: str, input_path: str, output_path: str, top: in
         bar = _bar(done)
         t0, n_new, no_text = time.perf_counter(), 0, 0
         for chunk in chunks(records, chunk_rows):
-            lines, n_bad = predict_chunk(clf, chunk, text_col, id_col, top, batch_size, decode, normalize)
+            lines, n_bad = predict_chunk(clf, chunk, text_col, id_col, top, batch_size, decode, normalize, abstain)
             out.write(lines)
             out.flush()
             os.fsync(out.fileno())
@@ -271,7 +281,7 @@ def run_predict_file(model_path: str, input_path: str, output_path: str, top: in
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
-    convert(progress.partial, output, out_fmt, chunk_rows, output_columns(id_col is not None, top))
+    convert(progress.partial, output, out_fmt, chunk_rows, output_columns(id_col is not None, top, abstain is not None))
     progress.record.unlink(missing_ok=True)
     summary = {"rows": done, "new_rows": n_new, "rows_without_text": no_text, "seconds": round(seconds, 3),
                "rows_per_s": round(n_new / seconds, 1) if seconds > 0 else None, "output": str(output),
@@ -284,11 +294,13 @@ def run_predict_file(model_path: str, input_path: str, output_path: str, top: in
 
 
 def predict_chunk(clf: Classifier, chunk: list[dict], text_col: str, id_col: str | None, top: int,
-                  batch_size: int, decode: str, normalize: str) -> tuple[bytes, int]:
+                  batch_size: int, decode: str, normalize: str, abstain=None) -> tuple[bytes, int]:
     rows = [to_row(clf, rec, text_col) for rec in chunk]
     usable = [i for i, r in enumerate(rows) if r is not None]
     results, _ = clf.classify([rows[i] for i in usable], decode=decode, normalize=normalize, top_k=top,
                               batch_size=batch_size)
+    if abstain is not None:
+        results = [abstain.apply(r) for r in results]
     by_row = dict(zip(usable, results))
     buf = io.StringIO()
     for i, rec in enumerate(chunk):
@@ -299,6 +311,8 @@ def predict_chunk(clf: Classifier, chunk: list[dict], text_col: str, id_col: str
         else:  # probability: calibrated when the run has a calibration.json for this scoring
             out.update({"label": res["pred"], "probability": res["probability"],
                         "raw_probability": res["raw_probability"]})
+            if abstain is not None:
+                out.update({"abstained": res["abstained"], "model_label": res.get("model_label", res["pred"])})
         if top > 1:
             out["top"] = res["top"] if res is not None else []
         buf.write(json.dumps(out, ensure_ascii=False) + "\n")
@@ -341,6 +355,17 @@ def _bar(done: int):
     return tqdm(initial=done, unit="row", dynamic_ncols=True, mininterval=0.5, desc="predict")
 
 
+def add_abstention_flags(p) -> None:
+    """--min-confidence, --fallback-label and --adapter-scale: the same for predict, test and serve."""
+    p.add_argument("--min-confidence", type=float, default=None, metavar="P",
+                   help="Answer --fallback-label (abstained: true) when the label's probability is below P "
+                        "(default: the run's threshold.json, from `validate --fit-threshold`, if any).")
+    p.add_argument("--fallback-label", default=None,
+                   help="The answer when abstaining (default: the run's catch-all label, e.g. 'other', else 'abstain').")
+    p.add_argument("--adapter-scale", type=float, default=1.0,
+                   help="Multiply the adapter's update by this (0: the base model, 1: the trained run).")
+
+
 def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="Label a jsonl/csv/parquet file (streamed; resumable) with a trained run.")
     p.add_argument("--model-path", required=True, help="Run folder written by `qwen-ft train` (or `qwen-ft merge`).")
@@ -363,6 +388,8 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--base-model", default=None)
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own code (see validate).")
+    add_abstention_flags(p)
     p.set_defaults(func=lambda a: run_predict_file(
         a.model_path, a.input, a.output, a.top, a.resume, a.batch_size, a.chunk_rows, a.id_column, a.text_column,
-        a.decode, a.normalize, a.input_format, a.overwrite, a.base_model, a.precision, a.trust_remote_code))
+        a.decode, a.normalize, a.input_format, a.overwrite, a.base_model, a.precision, a.trust_remote_code,
+        a.min_confidence, a.fallback_label, a.adapter_scale))

@@ -28,7 +28,8 @@ def run_serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, max_ba
               max_wait_ms: float = 2.0, max_queue: int = 256, max_texts: int = 64, max_chars: int = 20_000,
               api_key: str | None = None, decode: str = "auto", normalize: str = "auto",
               precision: str = "auto", base_model: str | None = None, trust_remote_code: bool = False,
-              model_name: str | None = None) -> None:
+              model_name: str | None = None, min_confidence: float | None = None, fallback_label: str | None = None,
+              adapter_scale: float = 1.0) -> None:
     import uvicorn
 
     from qwen_ft.engine import Classifier
@@ -42,6 +43,8 @@ def run_serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, max_ba
         raise UserError(f"--max-wait-ms must be >= 0 and --port in 1..65535 (got {max_wait_ms}, {port})")
     if normalize not in ("none", "auto") and decode not in ("exact", "auto"):
         raise UserError(f"--normalize {normalize} applies to --decode exact", "Add --decode exact.")
+    if min_confidence is not None and not 0 <= min_confidence <= 1:
+        raise UserError(f"--min-confidence must be a probability in [0, 1] (got {min_confidence})")
     if not Path(model_path).is_dir():
         raise UserError(f"model folder not found: {model_path}", "Pass a run folder or a merged model folder.")
     api_key = api_key or os.environ.get("QWEN_FT_API_KEY") or None
@@ -49,7 +52,8 @@ def run_serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, max_ba
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", host)
     check_port(host, port)
     limits = Limits(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                    max_texts=max_texts, max_chars=max_chars, decode=decode, normalize=normalize)
+                    max_texts=max_texts, max_chars=max_chars, decode=decode, normalize=normalize,
+                    min_confidence=min_confidence, fallback_label=fallback_label)
     failure: dict = {}
     server: uvicorn.Server | None = None
 
@@ -60,7 +64,7 @@ def run_serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, max_ba
 
     def load():
         return Classifier.load(model_path, base_model=base_model, precision=precision,
-                               trust_remote_code=trust_remote_code)
+                               trust_remote_code=trust_remote_code, adapter_scale=adapter_scale)
 
     app = create_app(load, limits=limits, api_key=api_key, on_load_error=on_load_error,
                      model_name=model_name or Path(model_path).resolve().name)
@@ -83,6 +87,8 @@ def run_serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, max_ba
 
 
 def add_parser(sub, name: str) -> None:
+    from qwen_ft.commands.predict_file import add_abstention_flags
+
     p = sub.add_parser(name, help="Serve a trained classifier over HTTP (classify, OpenAI chat, metrics).")
     p.add_argument("--model-path", required=True, help="Run folder written by `qwen-ft train` (or `qwen-ft merge`).")
     p.add_argument("--host", default="127.0.0.1", help="Address to listen on (default loopback only).")
@@ -104,7 +110,8 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--base-model", default=None)
     p.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own code (see validate).")
+    add_abstention_flags(p)
     p.set_defaults(func=lambda a: run_serve(
         a.model_path, a.host, a.port, a.max_batch_size, a.max_wait_ms, a.max_queue, a.max_texts_per_request,
         a.max_chars, a.api_key, a.decode, a.normalize, a.precision, a.base_model, a.trust_remote_code,
-        a.model_name))
+        a.model_name, a.min_confidence, a.fallback_label, a.adapter_scale))

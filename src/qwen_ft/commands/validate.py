@@ -17,13 +17,13 @@ log = logging.getLogger(__name__)
 
 
 def load_data_rows(source: str, task_name: str, text_column: str | None = None, label_column: str | None = None,
-                   hub_split: str | None = None) -> list[dict]:
+                   hub_split: str | None = None, slice_columns: tuple[str, ...] = ()) -> list[dict]:
     """Labeled rows of any data set, read and normalized exactly as training reads its data."""
     from qwen_ft.config import DataArgs
     from qwen_ft.data.prepare import load_rows
 
     data = DataArgs(data=source, hub_split=hub_split, text_column=text_column, label_column=label_column)
-    _, rows, dropped = load_rows(source, task_name, data, "row")
+    _, rows, dropped = load_rows(source, task_name, data, "row", slice_columns=slice_columns)
     if dropped:
         log.warning("dropped %d rows without text or label from %s", dropped, source)
     return rows
@@ -41,13 +41,61 @@ def known_label_rows(rows: list[dict], labels: list[str], skip: bool) -> tuple[l
     return [r for r in rows if r["label"] not in unknown], dict(unknown.most_common())
 
 
+def slice_keys(rows: list[dict], columns: list[str], split_by: str | None, from_split: bool) -> dict[str, list[str]]:
+    """Each --slice-by column's value per row: from --data's columns, or (a run's split) its --split-by groups,
+    the only column its split files keep."""
+    out = {}
+    for col in columns:
+        if from_split:
+            if col != split_by:
+                raise UserError(f"--slice-by {col}: a run's split files keep only the --split-by column "
+                                f"({split_by or 'none for this run'})", "Pass --data FILE to slice by its columns.")
+            out[col] = [str(r.get("group", "(none)")) for r in rows]
+        else:
+            out[col] = [r["slices"][col] for r in rows]
+    return out
+
+
+def quality_sections(clf: Classifier, rows: list[dict], predictions: list[dict], columns: dict[str, list[str]]) -> dict:
+    """eval.json's "slices": per --slice-by column and always per question-length band (tokens)."""
+    from qwen_ft.metrics import length_band, slice_report
+
+    golds, preds = [r["label"] for r in rows], [p["pred"] for p in predictions]
+    tok = clf.encoder.tok
+    bands = [length_band(len(tok(r["question"], add_special_tokens=False)["input_ids"])) for r in rows]
+    return {"question_tokens": slice_report(bands, golds, preds),
+            **{col: slice_report(keys, golds, preds) for col, keys in columns.items()}}
+
+
+def fit_abstention(model_path: str, report: dict, predictions: list[dict], target: float, adapter_scale: float) -> dict:
+    """threshold.json from the scored rows: the lowest probability threshold whose covered rows reach `target`."""
+    from qwen_ft import selective
+
+    fitted = selective.fit_threshold([p["probability"] for p in predictions], [p["correct"] for p in predictions],
+                                     target)
+    record = {**fitted, "fitted_on": report["data"], "decode": report["decode"], "normalize": report["normalize"],
+              "temperature": report["selective"]["temperature"], "adapter_scale": adapter_scale}
+    report["threshold"] = record
+    if fitted["threshold"] is None:
+        raise UserError(f"no confidence threshold reaches accuracy {target:g} on these {fitted['n']} rows (accuracy "
+                        f"{fitted['full_coverage_accuracy']:.4f} at full coverage, "
+                        f"{report['selective']['curve'][0]['accuracy']:.4f} on the 1 % most confident); "
+                        "eval.json was written, threshold.json was not", "Pass a lower --target-accuracy.")
+    path = RunDir(model_path).write_threshold(record)
+    log.info("threshold %.6f: covers %.1f%% of the rows at accuracy %.4f (target %g); wrote %s", fitted["threshold"],
+             100 * fitted["coverage"], fitted["covered_accuracy"], target, path)
+    return record
+
+
 def run_validate(model_path: str, split: str = "validation", num_samples: int | None = None,
                  decode: str = "auto", batch_size: int = 16, output_dir: str | None = None,
                  base_model: str | None = None, precision: str = "auto", gpu_id: int | None = None,
                  baseline: bool = False, data: str | None = None, text_column: str | None = None,
                  label_column: str | None = None, hub_split: str | None = None, skip_unknown_labels: bool = False,
                  normalize: str = "auto", trust_remote_code: bool = False, perturb: str | None = None,
-                 perturb_seed: int | None = None, calibrate: bool = False) -> dict:
+                 perturb_seed: int | None = None, calibrate: bool = False, slice_by: list[str] | None = None,
+                 fit_threshold: bool = False, target_accuracy: float | None = None,
+                 adapter_scale: float = 1.0) -> dict:
     from qwen_ft.data.perturb import parse_perturbation, perturb_rows
 
     dist.select_gpu(gpu_id)
@@ -63,6 +111,14 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
     p.check(not calibrate or perturb is None, "--calibrate fits on the rows as they are, not on --perturb noise")
     if calibrate:
         p.attempt(RunDir(model_path).check_calibration_writable)
+    p.check(fit_threshold == (target_accuracy is not None), "--fit-threshold and --target-accuracy go together")
+    p.check(target_accuracy is None or 0 < target_accuracy <= 1,
+            f"--target-accuracy must be in (0, 1] (got {target_accuracy})")
+    p.check(not fit_threshold or decode != "free", "--fit-threshold needs probabilities, and --decode free gives none")
+    p.check(not fit_threshold or not baseline, "--fit-threshold fits the run's own model, not the --baseline")
+    if fit_threshold:
+        p.attempt(RunDir(model_path).check_threshold_writable)
+    slice_by = list(dict.fromkeys(slice_by or []))
     perturbation = p.attempt(parse_perturbation, perturb) if perturb is not None else None
     p.check(perturb is not None or perturb_seed is None, "--perturb-seed applies to --perturb")
     is_merged = (Path(model_path) / "merge.json").is_file()
@@ -71,9 +127,9 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
 
     dist.init()
     clf = Classifier.load(model_path, base_model=base_model, precision=precision, adapter=not baseline,
-                          trust_remote_code=trust_remote_code)
+                          trust_remote_code=trust_remote_code, adapter_scale=adapter_scale)
     if data is not None:
-        rows = load_data_rows(data, clf.task.name, text_column, label_column, hub_split)
+        rows = load_data_rows(data, clf.task.name, text_column, label_column, hub_split, tuple(slice_by))
     elif run is None:
         raise UserError(f"{model_path} is a merged model folder, which holds no splits", "Pass --data FILE.")
     else:
@@ -84,6 +140,7 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
         raise UserError(f"no rows to score in {data or f'the {split} split of {model_path}'}",
                         "Use --split validation or --split test, or another --data.")
     rows = rows[:num_samples] if num_samples else rows
+    columns = slice_keys(rows, slice_by, None if run is None else run.config().data.split_by, data is None)
     noise = None
     if perturbation is not None:  # the question text only: labels and choices stay as they are
         rows, noise = perturb_rows(rows, perturbation, perturb_seed or 0)
@@ -98,6 +155,8 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
         return {}
     report.update({"data": data or f"split:{split}", "split": None if data else split, "baseline": baseline,
                    "model_path": str(model_path)})
+    report["adapter_scale"] = adapter_scale
+    report["slices"] = quality_sections(clf, rows, predictions, columns)
     if data is not None:
         report["skipped_unknown_labels"] = skipped
     if noise is not None:
@@ -115,6 +174,9 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
         log.info("wrote %s", RunDir(model_path).write_calibration(calibration.record(report)))
     write_json(out_dir / "eval.json", report)
     log.info(summary_table(report, clf.labels))
+    if fit_threshold:
+        fit_abstention(model_path, report, predictions, target_accuracy, adapter_scale)
+        write_json(out_dir / "eval.json", report)
     if noise is not None:
         log.info("perturbed questions: %s:%g, seed %d, %.2f%% of the characters changed", noise["kind"],
                  noise["rate"], noise["seed"], 100 * noise["chars_changed_fraction"])
@@ -140,6 +202,17 @@ def summary_table(report: dict, labels: list[str]) -> str:
         + (f" (normalize {report['normalize']})" if report["normalize"] != "none" else "")
         + f"   {report['samples_per_s']} samples/s on {report['world_size']} process(es)",
     ]
+    sel = report.get("selective")
+    if sel:
+        at = sel["accuracy_at_coverage"]
+        lines.append(f"balanced    {report['balanced_accuracy']:.4f}    AURC {sel['aurc']:.4f}    accuracy at "
+                     f"coverage 95% {at['0.95']:.4f}, 90% {at['0.9']:.4f}, 80% {at['0.8']:.4f}")
+    for col, table in (report.get("slices") or {}).items():
+        lines.append(f"by {col}:")
+        for key, m in table.items():
+            lo_, hi_ = m["accuracy_ci95"]
+            lines.append(f"  {key[:40]:<40} n={m['n']:<5d} accuracy {m['accuracy']:.4f} ({lo_:.3f}-{hi_:.3f})  "
+                         f"balanced {m['balanced_accuracy']:.4f}")
     cal = report.get("calibration")
     if cal:
         lines.append(f"calibration ECE {cal['ece']:.4f}  NLL {cal['nll']:.4f}  " + (
@@ -187,7 +260,18 @@ def add_parser(sub, name: str) -> None:
                    help="Fit a temperature on the scored rows (minimum NLL of the gold labels) and write "
                         "MODEL_PATH/calibration.json; test, predict and serve then report calibrated probabilities "
                         "for the same --decode/--normalize (raw_probability beside them).")
+    p.add_argument("--slice-by", action="append", default=None, metavar="COLUMN",
+                   help="Also report accuracy per value of this column (repeatable; with a run's splits: its "
+                        "--split-by column). Question-length bands (tokens) are always reported.")
+    p.add_argument("--fit-threshold", action="store_true",
+                   help="Fit the lowest confidence threshold whose covered rows reach --target-accuracy on the scored "
+                        "rows and write MODEL_PATH/threshold.json; predict and serve then abstain below it.")
+    p.add_argument("--target-accuracy", type=float, default=None, help="With --fit-threshold: the accuracy to reach.")
+    p.add_argument("--adapter-scale", type=float, default=1.0,
+                   help="Multiply the adapter's update by this (0: the base model, 1: the trained run; WiSE-FT-style "
+                        "interpolation toward the base).")
     p.set_defaults(func=lambda a: run_validate(
         a.model_path, a.split, a.num_val_samples, a.decode, a.batch_size, a.output_dir, a.base_model, a.precision,
         a.gpu_id, a.baseline, a.data, a.text_column, a.label_column, a.hub_split, a.skip_unknown_labels,
-        a.normalize, a.trust_remote_code, a.perturb, a.perturb_seed, calibrate=a.calibrate))
+        a.normalize, a.trust_remote_code, a.perturb, a.perturb_seed, calibrate=a.calibrate, slice_by=a.slice_by,
+        fit_threshold=a.fit_threshold, target_accuracy=a.target_accuracy, adapter_scale=a.adapter_scale))

@@ -9,9 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen_ft.config import DataArgs, seed_problem
+from qwen_ft.data import dedup
 from qwen_ft.data.perturb import augment_rows
 from qwen_ft.data.sources import DEMOS, describe, is_hub, read_records
-from qwen_ft.data.splits import sample, sample_per_label, split_by_group, split_rows
+from qwen_ft.data.splits import (
+    hold_out_groups,
+    oversample,
+    sample,
+    sample_per_label,
+    split_by_group,
+    split_rows,
+)
 from qwen_ft.errors import Problems, UserError
 from qwen_ft.tasks import TASKS, Task, detect_task
 
@@ -25,6 +33,7 @@ class Prepared:
     dropped: int = 0
     duplicates: int = 0  # exact duplicate rows removed before splitting
     groups: dict | None = None  # --split-by: {"column", "test": held-out groups, "train": the others}
+    screen: dict | None = None  # the near-duplicate screen's counts (data/dedup.py), before any --dedup drop
 
     def summary(self) -> str:
         sizes = ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())
@@ -35,22 +44,26 @@ class Prepared:
 
 
 def load_rows(source: str, task_name: str, data: DataArgs, id_prefix: str,
-              group_column: str | None = None) -> tuple[str, list[dict], int]:
+              group_column: str | None = None, slice_columns: tuple[str, ...] = ()) -> tuple[str, list[dict], int]:
     """(task name, normalized rows, rows dropped); `group_column`: each row keeps that column's value as
-    "group" (--split-by)."""
+    "group" (--split-by); `slice_columns`: the values of these columns as "slices" (validate --slice-by)."""
     records = read_records(source, data.hub_split)
     if not records:
         raise UserError(f"data set {describe(source)} is empty", "Pass a file with at least a few rows.")
     if group_column is not None and group_column not in records[0]:
         raise UserError(f"--split-by column '{group_column}' not found in {describe(source)}; columns found: "
                         f"{', '.join(map(str, records[0])) or 'none'}", "Name one of these columns in --split-by.")
+    missing = [c for c in slice_columns if c not in records[0]]
+    if missing:
+        raise UserError(f"--slice-by column(s) {', '.join(missing)} not found in {describe(source)}; columns found: "
+                        f"{', '.join(map(str, records[0])) or 'none'}", "Name columns of the data in --slice-by.")
     if task_name == "auto":
         task_name = detect_task(list(records[0].keys()))
     if task_name == "multiple_choice":
         _check_choice_counts(records, source)
     rows, dropped = TASKS[task_name].normalize(records, text_column=data.text_column,
                                                label_column=data.label_column, id_prefix=id_prefix,
-                                               group_column=group_column)
+                                               group_column=group_column, slice_columns=tuple(slice_columns))
     if not rows:
         raise UserError(f"data set {describe(source)} is empty after dropping {dropped} rows without text or label",
                         "Check --text-column / --label-column.")
@@ -171,7 +184,11 @@ def prepare(data: DataArgs, seed: int) -> Prepared:
 
     groups, test_rows = None, None
     if data.split_by:  # the test split: whole groups, none of them seen in training or validation
-        other, test_rows, held = split_by_group(rows, data.test_fraction, seed, data.split_by, stratify=not is_mc)
+        if data.holdout_groups:
+            other, test_rows, held = hold_out_groups(rows, data.holdout_groups, data.split_by)
+        else:
+            other, test_rows, held = split_by_group(rows, data.test_fraction, seed, data.split_by,
+                                                    stratify=not is_mc)
         groups = {"column": data.split_by, "test": held,
                   "train": sorted({r["group"] for r in other}, key=str)}
     if data.validation_data:
@@ -204,6 +221,15 @@ def prepare(data: DataArgs, seed: int) -> Prepared:
 
     if data.max_train_samples_per_category and not is_mc:
         splits["train"] = sample_per_label(splits["train"], data.max_train_samples_per_category, seed)
+    screen, matches = dedup.screen(splits)
+    if data.dedup:
+        kept = dedup.drop(splits, matches, data.dedup)
+        screen["dropped"] = {name: len(splits[name]) - len(kept[name]) for name in matches}
+        log.info("--dedup %s: dropped %s rows that copy a training (or validation) row", data.dedup,
+                 ", ".join(f"{n} {name}" for name, n in screen["dropped"].items()))
+        splits = kept
+    if data.balance == "oversample" and not is_mc:
+        splits["train"] = oversample(splits["train"], seed)
     if data.augment:  # after splitting: a row and its noisy copy are always on the same side
         splits["train"] = augment_rows(splits["train"], data.augment, seed)
     for name in ("train", "validation"):
@@ -225,7 +251,7 @@ def prepare(data: DataArgs, seed: int) -> Prepared:
         if data.prompt_style != "chat":
             task.extra["prompt_style"] = data.prompt_style
     _check_template(task)
-    return Prepared(task=task, splits=splits, dropped=dropped, duplicates=duplicates, groups=groups)
+    return Prepared(task=task, splits=splits, dropped=dropped, duplicates=duplicates, groups=groups, screen=screen)
 
 
 def _warn_repeated_choices(rows: list[dict]) -> None:

@@ -103,6 +103,58 @@ def _split_per_label(idx: list[int], labels: list, n_take: int, seed: int) -> tu
     return [i for i in idx if i not in taken], sorted(taken)
 
 
+def oversample(rows: list[dict], seed: int) -> list[dict]:
+    """Class-balanced training rows: each label's rows repeated (whole passes, then a seeded sample of the rest)
+    until it has as many as the largest label. The copies' ids end in '-rep1', '-rep2', ..."""
+    by_label: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_label[r["label"]].append(r)
+    most = max((len(v) for v in by_label.values()), default=0)
+    rng = random.Random(seed)
+    out = list(rows)
+    for label in sorted(by_label):
+        own = by_label[label]
+        need, k = most - len(own), 0
+        while need > 0:
+            k += 1
+            take = own if need >= len(own) else rng.sample(own, need)
+            out += [{**r, "id": f"{r['id']}-rep{k}"} for r in take]
+            need -= len(take)
+    return out
+
+
+def group_folds(rows: list[dict], k: int, seed: int) -> list[list[str]]:
+    """K folds of whole groups (each row's "group"), every group in exactly one fold, the folds' row counts as
+    even as whole groups allow: groups taken largest first (ties in a seeded order), each into the fold with
+    the fewest rows so far (sklearn's GroupKFold rule, with a seed for the ties)."""
+    sizes = Counter(r["group"] for r in rows)
+    if not 2 <= k <= len(sizes):
+        raise UserError(f"--folds {k}: the data has {len(sizes)} groups; cross-validation needs 2 <= folds <= groups",
+                        "Pass fewer --folds, or split by a column with more values.")
+    order = sorted(sizes, key=str)
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda g: -sizes[g])  # stable: the seeded order breaks ties
+    folds: list[list[str]] = [[] for _ in range(k)]
+    load = [0] * k
+    for g in order:
+        j = min(range(k), key=lambda i: (load[i], i))
+        folds[j].append(g)
+        load[j] += sizes[g]
+    return [sorted(f, key=str) for f in folds]
+
+
+def hold_out_groups(rows: list[dict], groups: list[str], column: str) -> tuple[list[dict], list[dict], list[str]]:
+    """(other rows, test rows, held-out groups) for groups named by the caller (a cross-validation fold)."""
+    present = {r["group"] for r in rows}
+    unknown = sorted(set(groups) - present)
+    if unknown:
+        raise UserError(f"--holdout-groups: {', '.join(map(repr, unknown[:5]))} not found in --split-by {column}",
+                        "Name values of that column (run.json's split_groups lists a run's groups).")
+    held = set(groups)
+    return ([r for r in rows if r["group"] not in held], [r for r in rows if r["group"] in held],
+            sorted(held, key=str))
+
+
 def split_by_group(rows: list[dict], test_fraction: float, seed: int, column: str,
                    stratify: bool = True) -> tuple[list[dict], list[dict], list[str]]:
     """(other rows, test rows, held-out groups): whole groups (each row's "group", the --split-by `column`)

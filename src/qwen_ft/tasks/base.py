@@ -21,11 +21,13 @@ def clean_text(value: Any) -> str | None:
     return value or None
 
 
-def group_value(record: dict, column: str | None) -> dict:
-    """{"group": the row's --split-by value} (text; a missing value is the group '(none)'), or {} without one."""
-    if column is None:
-        return {}
-    return {"group": clean_text(record.get(column)) or "(none)"}
+def group_value(record: dict, column: str | None, slice_columns: tuple[str, ...] = ()) -> dict:
+    """{"group": the row's --split-by value} (text; a missing value is the group '(none)'), or {} without one;
+    with `slice_columns` (validate --slice-by) also {"slices": {column: value as text}}."""
+    out = {} if column is None else {"group": clean_text(record.get(column)) or "(none)"}
+    if slice_columns:
+        out["slices"] = {c: clean_text(record.get(c)) or "(none)" for c in slice_columns}
+    return out
 
 
 @dataclass

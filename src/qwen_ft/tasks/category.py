@@ -35,7 +35,8 @@ class CategoryTask(Task):
 
     @staticmethod
     def normalize(records: list[dict], text_column: str | None = None, label_column: str | None = None,
-                  id_prefix: str = "row", group_column: str | None = None) -> tuple[list[dict], int]:
+                  id_prefix: str = "row", group_column: str | None = None,
+                  slice_columns: tuple[str, ...] = ()) -> tuple[list[dict], int]:
         """Records -> rows {id, question, label} (+ group: the `group_column` value); returns (rows, dropped rows
         without text or label)."""
         columns = list(records[0].keys()) if records else []
@@ -50,7 +51,8 @@ class CategoryTask(Task):
                 dropped += 1
                 continue
             rid = clean_text(rec.get("id")) or clean_text(rec.get("question_id")) or f"{id_prefix}-{i}"
-            rows.append({"id": rid, "question": text, "label": label, **group_value(rec, group_column)})
+            rows.append({"id": rid, "question": text, "label": label,
+                         **group_value(rec, group_column, slice_columns)})
         return rows, dropped
 
     @classmethod

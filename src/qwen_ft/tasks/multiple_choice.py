@@ -89,6 +89,7 @@ class MultipleChoiceTask(Task):
 
     @staticmethod
     def normalize(records: list[dict], id_prefix: str = "row", group_column: str | None = None,
+                  slice_columns: tuple[str, ...] = (),
                   **_: Any) -> tuple[list[dict], int]:
         """Records -> rows {id, question, choices, label} (+ group: the `group_column` value); every malformed
         row is reported at once."""
@@ -106,7 +107,7 @@ class MultipleChoiceTask(Task):
                 continue
             rid = clean_text(rec.get("id")) or f"{id_prefix}-{i}"
             rows.append({"id": rid, "question": question, "choices": texts, "label": letter,
-                         **group_value(rec, group_column)})
+                         **group_value(rec, group_column, slice_columns)})
         if rows and not p.items:
             counts = Counter(len(r["choices"]) for r in rows)
             if len(counts) > 1:
