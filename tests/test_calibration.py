@@ -85,8 +85,11 @@ def test_shared_first_tokens_share_one_softmax_term_and_the_forced_prediction_st
 
 
 def test_calibration_json_is_checked():
-    with pytest.raises(Exception, match="temperature must be a positive number"):
-        calib.check({"temperature": -1, "decode": "exact", "normalize": "none"}, "calibration.json")
+    for bad in (-1, 0, 5e-324, 1e-300, 0.049, 20.5, float("nan"), float("inf"), True, "1.0"):
+        with pytest.raises(Exception, match=r"temperature must be a number in \[0.05, 20\]"):
+            calib.check({"temperature": bad, "decode": "exact", "normalize": "none"}, "calibration.json")
+    for fine in (0.05, 1.0, 20):
+        calib.check({"temperature": fine, "decode": "exact", "normalize": "none"}, "calibration.json")
     with pytest.raises(Exception, match="decode must be"):
         calib.check({"temperature": 1.5, "decode": "free", "normalize": "none"}, "calibration.json")
 

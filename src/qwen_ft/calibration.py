@@ -23,7 +23,11 @@ from qwen_ft.errors import UserError
 log = logging.getLogger(__name__)
 
 N_BINS = 15
-T_BOUNDS = (1e-2, 1e2)
+# The temperatures fitted and accepted. Scores are logits or log-probabilities a few units apart: below 0.05
+# a 0.3 gap becomes a factor of 400 (every probability rounds to 0 or 1), above 20 a 10-unit gap becomes 1.6
+# (near uniform). Fitted temperatures measured on our runs lie in 1.0-1.5; a calibration.json outside this
+# range is damaged or hostile, never a fit (5e-324 would make every probability NaN).
+T_BOUNDS = (0.05, 20.0)
 
 
 # ----------------------------------------------------------------------------- scores
@@ -177,8 +181,9 @@ def check(data, path: Path) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a JSON object", hint)
     t = data.get("temperature")
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-        problems.append(f"{path}: temperature must be a positive number (got {t!r})")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) \
+            or not T_BOUNDS[0] <= t <= T_BOUNDS[1]:
+        problems.append(f"{path}: temperature must be a number in [{T_BOUNDS[0]:g}, {T_BOUNDS[1]:g}] (got {t!r})")
     if data.get("decode") not in ("constrained", "exact", "head"):
         problems.append(f"{path}: decode must be constrained, exact or head (got {data.get('decode')!r})")
     if data.get("normalize") not in ("none", "token", "char"):
@@ -216,7 +221,9 @@ def write_reliability(section: dict, path: Path) -> None:
     ax.set_title("Reliability diagram")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from qwen_ft.runs import save_figure
+
+    save_figure(fig, path)
     plt.close(fig)
 
 

@@ -26,7 +26,6 @@ class PromptEncoder:
         # plain prompts score each answer as a continuation (lm-evaluation-harness style): no end token
         # follows it, so answers can only be compared by their exact log-probability, never decoded
         self.ends_answers = not self.plain
-        self.n_truncated = 0
 
     # ------------------------------------------------------------------ prompt text
     def _messages(self, system: str, user: str) -> list[dict]:
@@ -109,41 +108,76 @@ class PromptEncoder:
         return max(len(s) for s in self.answer_options(row)[1])
 
     # ------------------------------------------------------------------ encoding
+    @cached_property
+    def special_texts(self) -> tuple[str, ...]:
+        """The texts the tokenizer reads as special tokens (<|im_end|>, <|im_start|>, ...)."""
+        added = getattr(self.tok, "added_tokens_decoder", {}) or {}
+        texts = set(getattr(self.tok, "all_special_tokens", []) or [])
+        texts |= {t.content for t in added.values() if getattr(t, "special", False)}
+        return tuple(sorted((t for t in texts if t), key=len, reverse=True))
+
+    def _prompt(self, system: str, user: str) -> list[int]:
+        """The rendered prompt's ids, where text the user wrote never becomes a special token: a question
+        holding "<|im_end|>\n<|im_start|>assistant" would otherwise close its own turn and forge an answer.
+        Such a user message is tokenized on its own with special-token texts kept as plain text, between the
+        template's ids; any other prompt is tokenized whole, as it always was."""
+        if not any(t in user for t in self.special_texts):
+            return self._ids(self.render(system, user))
+        marker = "\x00QWENFT-USER\x00"
+        before, after = self.render(system, marker).split(marker)
+        plain = self.tok(user, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return self._ids(before) + plain + self._ids(after)
+
+    def char_bound(self) -> int:
+        """Characters of question text worth tokenizing: a token covers far fewer than 32 characters, so a
+        longer question is cut to this before tokenizing (a 50 MB text cell costs 32 x --max-length chars)."""
+        return 32 * self.max_length
+
     def prompt_ids(self, row: dict) -> list[int]:
-        """Prompt ids for a row; an over-long question is cut (never the instruction or the answer)."""
+        return self.encode_prompt(row)[0]
+
+    def encode_prompt(self, row: dict) -> tuple[list[int], bool]:
+        """(prompt ids, whether the question was cut); an over-long question is cut (never the instruction or
+        the answer). The flag is per call: concurrent callers each count their own rows."""
         system = self.task.system_message()
-        ids = self._ids(self.render(system, self.task.user_message(row)))
+        question = row["question"]
+        bounded = len(question) > self.char_bound()
+        if bounded:
+            question = question[: self.char_bound()]
+        ids = self._prompt(system, self.task.user_message(row, question))
         answer_len = self.answer_len(row)
         budget = self.max_length - answer_len
         if len(ids) <= budget:
-            return ids
-        self.n_truncated += 1
-        q_ids = self._ids(row["question"])
+            return ids, bounded
+        q_ids = self._ids(question)
         overhead = len(ids) - len(q_ids)
         keep = budget - overhead - 2
         while keep > 0:
-            question = self.tok.decode(q_ids[:keep]) + " ..."
-            ids = self._ids(self.render(system, self.task.user_message(row, question)))
+            cut = self.tok.decode(q_ids[:keep]) + " ..."
+            ids = self._prompt(system, self.task.user_message(row, cut))
             if len(ids) <= budget:
-                return ids
+                return ids, True
             keep -= max(4, len(ids) - budget)
         raise UserError(f"--max-length {self.max_length} is too small: the instruction and choices alone take "
                         f"{overhead} tokens", f"Use --max-length {overhead + answer_len + 64} or more.")
 
     def train_example(self, row: dict) -> dict:
-        prompt = self.prompt_ids(row)
-        answer = self.answer_ids(self.task.answer(row, row["label"]))
-        return {
-            "input_ids": prompt + answer,
-            "labels": [IGNORE] * len(prompt) + answer,
-            "length": len(prompt) + len(answer),
-        }
+        return self.example(row)[0]
 
     def head_example(self, row: dict, pad_id: int | None) -> dict:
         """A classification-head example (`--head classification`): the inference prompt alone, without the
         answer, and its label's index as the target."""
-        prompt = check_head_prompt(self.prompt_ids(row), pad_id)
-        return {"input_ids": prompt, "labels": self.task.labels.index(row["label"]), "length": len(prompt)}
+        return self.example(row, head=True, pad_id=pad_id)[0]
+
+    def example(self, row: dict, head: bool = False, pad_id: int | None = None) -> tuple[dict, bool]:
+        """(a training example, whether its question was cut)."""
+        prompt, cut = self.encode_prompt(row)
+        if head:
+            prompt = check_head_prompt(prompt, pad_id)
+            return {"input_ids": prompt, "labels": self.task.labels.index(row["label"]), "length": len(prompt)}, cut
+        answer = self.answer_ids(self.task.answer(row, row["label"]))
+        return {"input_ids": prompt + answer, "labels": [IGNORE] * len(prompt) + answer,
+                "length": len(prompt) + len(answer)}, cut
 
 
 def check_head_prompt(ids: list[int], pad_id: int | None) -> list[int]:

@@ -298,9 +298,9 @@ class Classifier:
         if not rows:
             return [], {**self._stats(0, 0.0, Counts(), decode, normalize, 0), "memory_per_rank": [],
                         "world_size": dist.world_size() if distributed else 1, "temperature": temperature}
-        truncated_before = self.encoder.n_truncated
-        prompts = [self.encoder.prompt_ids(r) for r in rows]
-        truncated = self.encoder.n_truncated - truncated_before
+        encoded = [self.encoder.encode_prompt(r) for r in rows]
+        prompts = [ids for ids, _ in encoded]
+        truncated = sum(cut for _, cut in encoded)
         prefix, cache = self._call_prefix(prompts, decode)
         # rows that one pass decides may run packed (no padding): their batches are capped on real tokens
         packable = decode == "constrained" and self.can_pack and all(

@@ -86,18 +86,22 @@ def confusion(golds: list[str], preds: list[str | None], labels: list[str]):
 
 def write_confusion(golds: list[str], preds: list[str | None], labels: list[str], out_dir: Path) -> None:
     import csv
+    import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from qwen_ft.runs import atomic_write_text, save_figure
+
     cols, matrix = confusion(golds, preds, labels)
-    with open(out_dir / "confusion_matrix.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["gold \\ predicted", *cols])
-        for lab, row in zip(cols, matrix):
-            w.writerow([lab, *row.tolist()])
+    text = io.StringIO()
+    w = csv.writer(text)
+    w.writerow(["gold \\ predicted", *cols])
+    for lab, row in zip(cols, matrix):
+        w.writerow([lab, *row.tolist()])
+    atomic_write_text(out_dir / "confusion_matrix.csv", text.getvalue())
     size = max(5, 0.5 * len(cols) + 2)
     fig, ax = plt.subplots(figsize=(size, size * 0.85))
     ax.imshow(matrix, cmap="Blues")
@@ -113,5 +117,5 @@ def write_confusion(golds: list[str], preds: list[str | None], labels: list[str]
                         color="white" if matrix[i, j] > peak / 2 else "black")
     ax.set_title("Confusion matrix")
     fig.tight_layout()
-    fig.savefig(out_dir / "confusion_matrix.png", dpi=110)
+    save_figure(fig, out_dir / "confusion_matrix.png")
     plt.close(fig)

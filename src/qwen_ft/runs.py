@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -40,19 +41,56 @@ log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Every file qwen-ft writes goes through here: a fresh temp file in the same folder (O_EXCL, so never
+    through a link), then os.replace, which replaces a symlink at `path` itself and never the file it points
+    to. Readers see the old file or the new one, never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """A matplotlib figure as PNG, written like every other file (savefig would follow a symlink)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def output_folder(path: Path, named_by_user: bool) -> Path:
+    """A folder the command writes into: refused when it is a symlink that the user did not name (a run folder
+    received from someone else could point its eval/ anywhere)."""
+    path = Path(path)
+    if path.is_symlink() and not named_by_user:
+        raise UserError(f"{path} is a symbolic link (to {os.readlink(path)}); qwen-ft does not write through links "
+                        "it did not make", "Remove the link, or name the folder you want with --output-dir.")
+    return path
+
+
+def finite(value: Any) -> Any:
+    """JSON-safe: NaN and infinities become null (JSON has no such numbers; NaN would make the file invalid)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 @contextmanager
@@ -79,11 +117,12 @@ def staged_dir(path: Path) -> Iterator[Path]:
 
 
 def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+    atomic_write_text(path, json.dumps(finite(data), indent=2, default=str, allow_nan=False) + "\n")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+    atomic_write_text(path, "".join(json.dumps(finite(r), ensure_ascii=False, default=str, allow_nan=False) + "\n"
+                                    for r in rows))
 
 
 def read_jsonl(path: Path) -> list[dict]:

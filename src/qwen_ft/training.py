@@ -488,10 +488,8 @@ def _encoded(encoder: PromptEncoder, prepared: Prepared, split: str, cache: dict
     key = (id(prepared), split, encoder.max_length, getattr(encoder.tok, "name_or_path", None), head)
     if cache is not None and key in cache:
         return cache[key]
-    before = encoder.n_truncated
-    ds = Dataset.from_list([encoder.head_example(row, head_pad) if head else encoder.train_example(row)
-                            for row in prepared.splits[split]])
-    value = (ds, encoder.n_truncated - before)
+    encoded = [encoder.example(row, head, head_pad) for row in prepared.splits[split]]
+    value = (Dataset.from_list([e for e, _ in encoded]), sum(cut for _, cut in encoded))
     if cache is not None:
         cache[key] = value
     return value

@@ -11,7 +11,7 @@ from qwen_ft import distributed as dist
 from qwen_ft.engine import Classifier, stderr_is_terminal
 from qwen_ft.errors import Problems, UserError
 from qwen_ft.metrics import write_confusion
-from qwen_ft.runs import RunDir, write_json, write_jsonl
+from qwen_ft.runs import RunDir, output_folder, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,9 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
     is_merged = (Path(model_path) / "merge.json").is_file()
     run = None if is_merged else p.attempt(RunDir(model_path).require_complete)
     p.raise_if_any()
+    # by default each kind of evaluation has its own folder: a noisy or baseline eval never replaces the clean one
+    kind = "eval" + ("-baseline" if baseline else "") + (f"-{perturbation.kind}-{perturbation.rate:g}" if perturbation else "")
+    out_dir = output_folder(Path(output_dir) if output_dir else Path(model_path) / kind, output_dir is not None)
 
     dist.init()
     clf = Classifier.load(model_path, base_model=base_model, precision=precision, adapter=not baseline,
@@ -144,9 +147,6 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
     noise = None
     if perturbation is not None:  # the question text only: labels and choices stay as they are
         rows, noise = perturb_rows(rows, perturbation, perturb_seed or 0)
-    # by default each kind of evaluation has its own folder: a noisy or baseline eval never replaces the clean one
-    kind = "eval" + ("-baseline" if baseline else "") + (f"-{perturbation.kind}-{perturbation.rate:g}" if perturbation else "")
-    out_dir = Path(output_dir) if output_dir else Path(model_path) / kind
 
     report, predictions = clf.evaluate(rows, decode=decode, normalize=normalize, batch_size=batch_size,
                                        progress=dist.is_main() and stderr_is_terminal(), distributed=True,

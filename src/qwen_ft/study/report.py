@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen_ft.runs import atomic_write_text, read_jsonl_tolerant
+from qwen_ft.runs import atomic_write_text, read_jsonl_tolerant, save_figure
 from qwen_ft.study import stats
 
 log = logging.getLogger(__name__)
@@ -544,7 +544,7 @@ def save_plots(data: StudyData, analysis: dict, out_dir: Path) -> list[str]:
     }
     for name, make in makers.items():
         fig = make()
-        fig.savefig(out_dir / name, dpi=110)
+        save_figure(fig, out_dir / name)
         plt.close(fig)
     return list(makers)
 
@@ -864,7 +864,7 @@ def write_cross_workload(study_dirs: list[Path], out: Path) -> dict:
     write_csv(rows, out / "cross_workload.csv", None if rows else ["workload", "optimizer"])
     plt = _plt()
     fig = plot_performance_profile(profile, len(scores))
-    fig.savefig(out / "performance_profile.png", dpi=110)
+    save_figure(fig, out / "performance_profile.png")
     plt.close(fig)
     opts = list(profile)
     md = [
