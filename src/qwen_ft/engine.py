@@ -195,13 +195,16 @@ class Classifier:
         if fitted is None or fitted["threshold"] is None:
             return None
         decode, normalize = self.scoring(decode, normalize)
-        same = (fitted["decode"], fitted["normalize"], fitted.get("temperature"),
-                float(fitted.get("adapter_scale", 1.0))) == (decode, normalize, self.temperature(decode, normalize),
-                                                             float(self.info.get("adapter_scale", 1.0)))
-        if not same:
-            log.warning("threshold.json was fitted for --decode %s --normalize %s at temperature %s: not applied "
-                        "to this scoring", fitted["decode"], fitted["normalize"], fitted.get("temperature"))
+        if (fitted["decode"], fitted["normalize"]) != (decode, normalize):
+            log.warning("threshold.json was fitted for --decode %s --normalize %s: not applied to --decode %s "
+                        "--normalize %s", fitted["decode"], fitted["normalize"], decode, normalize)
             return None
+        now = (self.temperature(decode, normalize), float(self.info.get("adapter_scale", 1.0)))
+        then = (fitted.get("temperature"), float(fitted.get("adapter_scale", 1.0)))
+        if now != then:
+            raise UserError(f"{self.info['model_path']}/threshold.json was fitted at temperature {then[0]} and adapter "
+                            f"scale {then[1]:g}; the probabilities now come at {now[0]} and {now[1]:g}",
+                            "Fit it again (qwen-ft validate --fit-threshold ...), or pass --min-confidence.")
         return selective.Abstention(float(fitted["threshold"]), fallback, "threshold.json")
 
     # ------------------------------------------------------------------ what it answers

@@ -200,9 +200,22 @@ class RunDir:
         problems = _mapping_problems(data)
         if problems:
             raise UserError([f"{path}: {p}" for p in problems], hint)
+        self._check_labels_digest(data, path, hint)
         if check_splits:
             self._check_mapping_against_splits(data, path, hint)
         return data
+
+    def _check_labels_digest(self, mapping: dict, path: Path, hint: str) -> None:
+        """The label set recorded at training (run.json) or merge (merge.json): a renamed or reordered label
+        would otherwise answer labels the model never learned, in folders without split files."""
+        for marker in (RUN_MARKER, MERGE_MARKER):
+            try:
+                recorded = json.loads((self.path / marker).read_text(encoding="utf-8")).get("labels_sha256")
+            except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+                continue
+            if recorded is not None and recorded != labels_digest(mapping["labels"]):
+                raise UserError(f"{path}: its labels are not the ones the model was trained on ({marker} records "
+                                "another label set)", hint)
 
     def _check_mapping_against_splits(self, mapping: dict, path: Path, hint: str) -> None:
         labels = set(mapping["labels"])
@@ -345,7 +358,20 @@ class RunDir:
             raise UserError(f"{p} has no adapter_model.safetensors; only safetensors weights are loaded",
                             "Re-save the adapter with safe_serialization=True, or retrain.")
         check_adapter_files(p)
+        self.check_adapter_settings()
         return self
+
+    def check_adapter_settings(self) -> None:
+        """adapter_config.json as recorded at training (config.yaml's lora section): an edited rank or alpha, or
+        a switched-on variant (DoRA, rsLoRA), would load and silently change every output."""
+        lora = self.config().lora
+        adapter = self._json(self.path / "adapter_config.json", ADAPTER_HINT)
+        want = {"r": lora.rank, "lora_alpha": lora.alpha, "use_dora": False, "use_rslora": False}
+        bad = [f"{k} is {adapter.get(k)!r}, trained with {v!r}" for k, v in want.items()
+               if v is not None and (adapter.get(k) or False) != v]
+        if bad:
+            raise UserError(f"{self.path}/adapter_config.json differs from the run's config.yaml: {'; '.join(bad)}",
+                            ADAPTER_HINT)
 
     def last_checkpoint(self) -> Path | None:
         """The newest checkpoint that was written to the end (trainer_state.json is saved last)."""
@@ -376,10 +402,13 @@ def safetensors_header(path: Path) -> dict:
     return header
 
 
+ADAPTER_HINT = ("adapter_config.json and adapter_model.safetensors are written together by `qwen-ft train`; "
+                "restore both from the same run, or retrain.")
+
+
 def check_adapter_files(folder: Path) -> None:
     """adapter_config.json readable, and its rank the one the weights were saved with."""
-    hint = ("adapter_config.json and adapter_model.safetensors are written together by `qwen-ft train`; "
-            "restore both from the same run, or retrain.")
+    hint = ADAPTER_HINT
     config = RunDir._json(Path(folder) / "adapter_config.json", hint)
     header = safetensors_header(Path(folder) / "adapter_model.safetensors")
     r = config.get("r") if isinstance(config, dict) else None
@@ -395,6 +424,12 @@ def check_adapter_files(folder: Path) -> None:
         if saved is not None and saved != r:
             raise UserError(f"{folder}: adapter_config.json says LoRA rank {r}, but the saved weights have rank "
                             f"{saved} ({name})", hint)
+
+
+def labels_digest(labels: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(list(labels), ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def _mapping_problems(data) -> list[str]:
@@ -416,6 +451,17 @@ def _mapping_problems(data) -> list[str]:
     for key in ("instruction", "question_template"):
         if not isinstance(data.get(key), str):
             out.append(f"'{key}' must be text")
+    if not out:
+        n = len(labels)
+        if "label2id" in data and data["label2id"] != {lab: i for i, lab in enumerate(labels)}:
+            out.append("'label2id' does not match 'labels'")
+        if "id2label" in data and data["id2label"] != {str(i): lab for i, lab in enumerate(labels)}:
+            out.append(f"'id2label' does not match 'labels' (it must map \"0\"..\"{n - 1}\" to them in order)")
+        from qwen_ft.tasks.base import template_problem
+
+        fields = {"instruction": ("labels",), "question_template": ("question", "choices")
+                  if data["task"] == "multiple_choice" else ("question",)}
+        out += [p for key, allowed in fields.items() if (p := template_problem(data[key], key, allowed))]
     return out
 
 

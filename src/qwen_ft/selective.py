@@ -125,9 +125,16 @@ def check_threshold(data, path) -> dict:
         problems.append(f"{path}: decode must be constrained, exact or head (got {data.get('decode')!r})")
     if data.get("normalize") not in ("none", "token", "char"):
         problems.append(f"{path}: normalize must be none, token or char (got {data.get('normalize')!r})")
+    from qwen_ft.calibration import T_BOUNDS
+
     temp = data.get("temperature")
-    if temp is not None and (isinstance(temp, bool) or not isinstance(temp, (int, float)) or not math.isfinite(temp)):
-        problems.append(f"{path}: temperature must be a number or null (got {temp!r})")
+    if temp is not None and (isinstance(temp, bool) or not isinstance(temp, (int, float)) or not math.isfinite(temp)
+                             or not T_BOUNDS[0] <= temp <= T_BOUNDS[1]):
+        problems.append(f"{path}: temperature must be null or a number in [{T_BOUNDS[0]:g}, {T_BOUNDS[1]:g}] "
+                        f"(got {temp!r})")
+    scale = data.get("adapter_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= 1:
+        problems.append(f"{path}: adapter_scale must be a number in [0, 1] (got {scale!r})")
     if problems:
         raise UserError(problems, THRESHOLD_HINT)
     return data

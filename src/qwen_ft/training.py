@@ -60,6 +60,7 @@ from qwen_ft.runs import (
     checkpoint_write_error,
     claim_output,
     env_info,
+    labels_digest,
     plan_output,
     read_jsonl_tolerant,
     remove_torn_checkpoints,
@@ -536,7 +537,8 @@ def _write_run_start(run: RunDir, r: Resolved, prepared: Prepared, precision: st
             "per_device_batch": r.config.train.batch_size, "global_batch": global_batch,
             "truncated_prompts": n_truncated, "command": " ".join(sys.argv),
             **({"split_groups": prepared.groups} if prepared.groups else {}),
-            **({"near_duplicates": prepared.screen} if prepared.screen else {}), **env_info(),
+            **({"near_duplicates": prepared.screen} if prepared.screen else {}),
+            "labels_sha256": labels_digest(prepared.task.labels), **env_info(),
         })
         (out / "metrics.jsonl").write_text("")
 

@@ -266,6 +266,14 @@ def _warn_repeated_choices(rows: list[dict]) -> None:
 
 
 def _check_template(task: Task) -> None:
+    from qwen_ft.tasks.base import template_problem
+
+    hint = "--instruction may use {labels}; --question-template may use {question} (and {choices} for multiple choice)."
+    questions = ("question", "choices") if task.name == "multiple_choice" else ("question",)
+    for problem in (template_problem(task.instruction, "instruction", ("labels",)),
+                    template_problem(task.question_template, "question_template", questions)):
+        if problem:
+            raise UserError(f"bad prompt template: {problem}", hint)
     try:
         task.system_message()
         probe = {"question": "q", "choices": ["a", "b"], "label": task.labels[0]}

@@ -30,14 +30,14 @@ from qwen_ft.models import (
     require_trust,
     resolve_model,
 )
-from qwen_ft.runs import MERGE_MARKER, WRITER, RunDir, claim_output, plan_output, write_json
+from qwen_ft.runs import MERGE_MARKER, WRITER, RunDir, claim_output, labels_digest, plan_output, write_json
 from qwen_ft.scoring import left_pad
 from qwen_ft.tasks import Task
 
 log = logging.getLogger(__name__)
 
 # calibration.json: the merged model's logits equal base+adapter's, so the run's temperature holds for it
-COPIED = ("label_mapping.json", "config.yaml", "run.json", "calibration.json")
+COPIED = ("label_mapping.json", "config.yaml", "run.json", "calibration.json", "threshold.json")
 
 
 class MergeMismatch(UserError):
@@ -140,6 +140,7 @@ def _merge(run: RunDir, cfg: TrainConfig, base: str, tmp: Path, out: Path, dtype
         if not saved_diff <= tolerance * scale:
             raise MergeMismatch(f"the saved merged model's logits differ from base+adapter logits by "
                                 f"{saved_diff:.3e} (allowed {tolerance * scale:.3e})")
+    report["labels_sha256"] = labels_digest(RunDir(tmp).label_mapping(check_splits=False)["labels"])
     write_json(tmp / MERGE_MARKER, {"written_by": WRITER, **report})  # last: it marks a whole merged folder
     log.info("merged model (%s) written to %s", report["dtype"], out)
     return report

@@ -30,6 +30,26 @@ def group_value(record: dict, column: str | None, slice_columns: tuple[str, ...]
     return out
 
 
+def template_problem(template: str, what: str, allowed: tuple[str, ...]) -> str | None:
+    """Why `template` is not a prompt template (None when it is): only the named fields {allowed}, no
+    positional fields, conversions or format specs ({labels:>99999999} would build a gigantic text), and
+    balanced braces ({{ and }} for literal ones)."""
+    import string
+
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        return f"'{what}' is not a valid template ({e}); write literal braces as {{{{ and }}}}"
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if name not in allowed or spec or conversion:
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            return (f"'{what}' uses {shown}; it may use only " + ", ".join("{" + a + "}" for a in allowed)
+                    + " (literal braces as {{ and }})")
+    return None
+
+
 @dataclass
 class Task:
     """Rows + labels + prompt. Subclasses define how records are read and questions are written."""
