@@ -100,3 +100,46 @@ def test_predict_counts_rows_cut_per_call(tiny_run):
     assert stats["truncated_prompts"] == 1 and stats2["truncated_prompts"] == 0
     assert not hasattr(clf.encoder, "n_truncated")
     assert RunDir(tiny_run).complete
+
+
+@pytest.mark.parametrize("line, words", [
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"text": "a", "n": ' + b"7" * 5000 + b"}", "not valid JSON"),
+    ('{"text": "caf\u00e9"}'.encode("latin-1"), "not UTF-8"),
+])
+def test_unreadable_jsonl_lines_are_one_clear_error_naming_the_line(tiny_run, tmp_path, capsys, line, words):
+    data = tmp_path / "in.jsonl"
+    data.write_bytes(b'{"text": "fine"}\n' + line + b"\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["predict", "--model-path", str(tiny_run), "--input", str(data), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "line 2" in err and words in err and "Traceback" not in err
+    assert main(["validate", "--model-path", str(tiny_run), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and ("line 2" in err or "UTF-8" in err)
+
+
+def test_parquet_ids_of_any_type_are_written_as_text(tiny_run, tmp_path):
+    import datetime
+    import decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for column in (pa.array([b"\x00\xff", b"id-2"]), pa.array([datetime.datetime(2026, 1, 1)] * 2),
+                   pa.array([decimal.Decimal("1.50"), decimal.Decimal("2")])):
+        data = tmp_path / "in.parquet"
+        pq.write_table(pa.table({"id": column, "text": ["What is a tort?", "Ribosomes?"]}), data)
+        out = tmp_path / f"out-{column.type}.jsonl"
+        assert main(["predict", "--model-path", str(tiny_run), "--input", str(data), "--output", str(out)]) == 0
+        ids = [json.loads(line)["id"] for line in out.open()]
+        assert all(isinstance(i, str) for i in ids), ids
+        assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_a_lora_rank_above_the_layer_width_is_refused(tiny_qwen3, tmp_path, capsys):
+    from tests.conftest import tiny_train_args
+
+    out = tmp_path / "run"
+    assert main(tiny_train_args(tiny_qwen3, out, "--lora-rank", "100000")) == 2
+    assert "above the model's layer width" in capsys.readouterr().err and not out.exists()

@@ -265,6 +265,11 @@ def resolve_config(cfg: TrainConfig | dict) -> Resolved:
     if o.learning_rate is None:  # Adam-family: the preset's lr; others: their own default
         o.learning_rate = p.attempt(optimizers.default_lr, o.optimizer, preset.values["optim.learning_rate"])
     p.attempt(optimizers.check, o.optimizer, o.kwargs)
+    # a LoRA update of rank above the smallest side of a layer is a full-rank update at more memory
+    width = min(v for v in (getattr(mconf, "hidden_size", None), getattr(mconf, "intermediate_size", None)) if v) \
+        if mconf is not None and getattr(mconf, "hidden_size", None) else None
+    p.check(width is None or cfg.lora.rank <= width, f"--lora-rank {cfg.lora.rank} is above the model's layer width "
+            f"{width}: the update would be full rank with more parameters than the layer (use --lora-rank <= {width})")
     p.raise_if_any()
     cfg.train.output_dir = cfg.train.output_dir or default_output_dir(cfg)
     return Resolved(cfg, model_path, n_params, preset.name, base_shape(mconf))

@@ -52,11 +52,12 @@ def file_format(path: str, given: str | None, what: str) -> str:
 def read_records(path: str, fmt: str, chunk_rows: int) -> Iterator[dict]:
     """Records one by one, never the whole file in memory (pyarrow / pandas chunked readers)."""
     if fmt == "jsonl":
-        f = sys.stdin if path == "-" else open(path, encoding="utf-8")
+        stdin = getattr(sys.stdin, "buffer", sys.stdin)  # a replaced stdin (tests, notebooks) may be text
+        f = stdin if path == "-" else open(path, "rb")
         try:
             yield from iter_jsonl(f, path)
         finally:
-            if f is not sys.stdin:
+            if f is not stdin:
                 f.close()
     elif fmt == "csv":
         import pandas as pd
@@ -124,6 +125,20 @@ def to_row(clf: Classifier, rec: dict, text_col: str) -> dict | None:
 def plain(value):
     """numpy / pandas scalars -> Python values, so that JSON encodes them."""
     return value.item() if hasattr(value, "item") and not isinstance(value, (list, dict, str)) else value
+
+
+def id_text(value):
+    """An id as written: numbers and text as they are, anything else (binary, timestamps, decimals, nested
+    values from a parquet column) as text; binary that is not UTF-8 as hex."""
+    value = plain(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return bytes(value).hex()
+    return str(value)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -304,7 +319,7 @@ def predict_chunk(clf: Classifier, chunk: list[dict], text_col: str, id_col: str
     by_row = dict(zip(usable, results))
     buf = io.StringIO()
     for i, rec in enumerate(chunk):
-        out = {"id": plain(rec.get(id_col))} if id_col else {}
+        out = {"id": id_text(rec.get(id_col))} if id_col else {}
         res = by_row.get(i)
         if res is None:
             out.update({"label": None, "probability": None, "raw_probability": None, "error": "no text"})

@@ -27,16 +27,34 @@ def describe(source: str) -> str:
 
 
 def iter_jsonl(lines: Iterable[str], path) -> Iterator[dict]:
-    """The objects of a .jsonl stream, one per non-blank line; a line that is not a JSON object is one clear
-    error naming it. Shared by the loaders and `qwen-ft predict` (which streams, never loading the file)."""
-    for n, line in enumerate(lines, 1):
+    """The objects of a .jsonl stream, one per non-blank line; a line that is not a JSON object, or cannot be
+    read at all (not UTF-8, nested past Python's recursion limit, an integer past its digit limit), is one
+    clear error naming it. Shared by the loaders and `qwen-ft predict` (which streams, never loading the file)."""
+    it, n = iter(lines), 0
+    while True:
+        n += 1
+        try:
+            line = next(it)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} line {n} is not UTF-8 text ({e.reason} at byte {e.start})",
+                            "Save the file as UTF-8 (a UTF-8 byte-order mark is fine).") from None
+        if isinstance(line, bytes):  # read as bytes, so that a decoding error names its line
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} line {n} is not UTF-8 text ({e.reason} at byte {e.start} of the line)",
+                                "Save the file as UTF-8 (a UTF-8 byte-order mark is fine).") from None
         line = line.lstrip("\ufeff")  # files joined with `cat` carry a byte-order mark mid-file too
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {n} is not valid JSON: {e.msg}") from None
+        except RecursionError:
+            raise UserError(f"{path} line {n} is nested too deeply to read", "Flatten the record.") from None
+        except ValueError as e:  # JSONDecodeError, and int() past sys.get_int_max_str_digits()
+            raise UserError(f"{path} line {n} is not valid JSON: {getattr(e, 'msg', None) or str(e)[:200]}") from None
         if not isinstance(rec, dict):
             raise UserError(f"{path} line {n} is not a JSON object")
         yield rec
