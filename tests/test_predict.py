@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 
 from qwen_ft.cli import main
 from qwen_ft.runs import RunDir
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_run
 
 WORDS = "cell gene force energy contract law market price atom proof theorem river king war poem court tax".split()
 
@@ -238,3 +239,30 @@ def test_200k_rows_flat_memory_and_resume(tiny_run, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     print(f"killed at {done} rows; resumed: {resumed.stdout.strip().splitlines()[-1]}")
     assert cut.read_bytes() == full.read_bytes()
+
+
+def test_resume_refuses_a_replaced_input_or_a_changed_model(tiny_run, tmp_path, capsys, monkeypatch):
+    from qwen_ft.commands import predict_file
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_texts(src, 6)
+    original = src.read_bytes()
+    base = ["predict", "--model-path", str(run), "--input", str(src), "--output", str(out), "--precision", "fp32",
+            "--chunk-rows", "2"]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict_file, "convert", interrupted)
+    assert main(base) != 0 and (tmp_path / "out.jsonl.partial").is_file()
+    monkeypatch.undo()
+    src.write_bytes(original.replace(b"0", b"9"))  # same name, same size, other rows
+    assert main([*base, "--resume"]) == 2
+    assert "the input file's contents" in capsys.readouterr().err
+    src.write_bytes(original)
+    (run / "label_mapping.json").write_text((run / "label_mapping.json").read_text() + " ")  # "retrained" in place
+    assert main([*base, "--resume"]) == 2
+    assert "the model folder's files" in capsys.readouterr().err
+    shutil.copy2(tiny_run / "label_mapping.json", run / "label_mapping.json")
+    assert main([*base, "--resume"]) == 0 and len(out.read_text().splitlines()) == 6

@@ -219,6 +219,29 @@ class Progress:
 
 # ----------------------------------------------------------------------------- the command
 
+WHAT_CHANGED = {"input_sha256": "the input file's contents (sha256)", "model_files": "the model folder's files "
+                "(adapter or weights, labels, calibration, threshold, config)"}
+MODEL_FILES = ("adapter_model.safetensors", "label_mapping.json", "calibration.json", "threshold.json", "config.yaml")
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def identity(input_path: str, model: Path) -> dict:
+    """What a resume must continue: the input's full sha256 (about 1 s per GB, against minutes of inference;
+    stdin has none) and the sha256 of every model-folder file that decides an answer."""
+    files = [*MODEL_FILES, *sorted(p.name for p in model.glob("model*.safetensors"))] if model.is_dir() else []
+    return {"input_sha256": None if input_path == "-" else sha256_file(Path(input_path)),
+            "model_files": {name: sha256_file(model / name) for name in files if (model / name).is_file()}}
+
+
 def run_predict_file(model_path: str, input_path: str, output_path: str, top: int = 1, resume: bool = False,
                      batch_size: int = 32, chunk_rows: int = 1024, id_column: str | None = None,
                      text_column: str | None = None, decode: str = "auto", normalize: str = "auto",
@@ -243,14 +266,16 @@ def run_predict_file(model_path: str, input_path: str, output_path: str, top: in
                 **({"min_confidence": min_confidence, "fallback_label": fallback_label}
                    if min_confidence is not None or fallback_label is not None else {}),
                 **({"adapter_scale": adapter_scale} if adapter_scale != 1.0 else {})}
+    settings.update(identity(input_path, Path(model_path)))
     if resume:
         if state is None or not progress.partial.is_file():
             hint = "It is already complete." if output.exists() else "Drop --resume to start."
             raise UserError(f"--resume: no interrupted prediction for {output} ({progress.record.name} not found)", hint)
         if state["settings"] != settings:
             diff = sorted(k for k in settings if state["settings"].get(k) != settings[k])
-            raise UserError(f"--resume with other settings than the interrupted run: {', '.join(diff)}",
-                            "Resume with the same flags, or delete the .partial files to start over.")
+            changed = [WHAT_CHANGED.get(k, k) for k in diff]
+            raise UserError(f"--resume with other settings than the interrupted run: {', '.join(changed)}",
+                            "Resume with the same flags, input and model, or delete the .partial files to start over.")
     else:
         if progress.partial.exists() or progress.record.exists():
             raise UserError(f"{progress.partial} holds an interrupted prediction",
