@@ -324,3 +324,30 @@ def test_data_phase_never_overwrites_foreign_files(tiny_qwen3, tmp_path):
     with pytest.raises(UserError, match="did not write"):
         run_study(load_study_config([_config(tiny_qwen3, out)]), phases=["data"])
     assert (out / "data" / "train.jsonl").read_text() == "my own data\n"
+
+
+def test_a_diverging_trial_is_recorded_as_failed_with_the_worst_score_and_never_requeued(tiny_qwen3, tmp_path,
+                                                                                         monkeypatch):
+    import qwen_ft.study.phases as phases
+    from qwen_ft.study import report
+
+    cfg = _config(tiny_qwen3, tmp_path / "s", "").read_text().replace(
+        "sgd: {search: {learning_rate: [0.01, 0.5]}", "sgd: {search: {learning_rate: [1.0e+6, 1.0e+7]}")
+    path = tmp_path / "diverge.yaml"
+    path.write_text(cfg)
+    study = run_study(load_study_config([path]))  # finishes: report, plots and all
+    trials = [json.loads((tmp_path / "s" / "trials" / "sgd" / f"trial-{k}" / "trial.json").read_text())
+              for k in range(2)]
+    states = [t["state"] for t in trials]
+    assert "diverged" in states or all(
+        json.loads((tmp_path / "s" / "finals" / "sgd" / f"seed-{s}" / "result.json").read_text())["state"]
+        == "diverged" for s in (1, 2))
+    for t in trials:
+        assert t["state"] in ("complete", "diverged") and (t["state"] == "complete" or t["score"] == 0.0)
+    text = (tmp_path / "s" / "results" / "report.md").read_text()
+    assert "diverged" in text.lower()
+    assert study is not None and report.best_trial(trials) in [t for t in trials if t["state"] == "complete"] + [None]
+    trained = []
+    monkeypatch.setattr(phases, "train_and_score", lambda *a, **k: trained.append(a) or pytest.fail("re-trained"))
+    run_study(load_study_config([path]), phases=["train"], only=["sgd"])
+    assert not trained  # the diverged runs were read back, not queued and trained again

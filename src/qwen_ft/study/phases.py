@@ -41,7 +41,7 @@ from pathlib import Path
 
 from qwen_ft import distributed as dist
 from qwen_ft.config import without_later_data_fields
-from qwen_ft.errors import ConfigDiffersError, UserError
+from qwen_ft.errors import ConfigDiffersError, TrainingDiverged, UserError
 from qwen_ft.runs import read_jsonl, write_json, write_jsonl
 from qwen_ft.study import markers
 from qwen_ft.study.config import PHASES, OptimizerEntry, StudyConfig
@@ -601,8 +601,17 @@ def run_trial(study: Study, opt: str, k: int, params: dict) -> dict:
         rec = _read_json(out / "trial.json")
         if rec is not None and rec.get("hash") == h and not study.force:
             return rec
-        res = train_and_score(study, opt, params, study.cfg.seed, study.cfg.protocol.trial_max_steps, out,
-                              study.rows("tune"), curve=False)
+        try:
+            res = train_and_score(study, opt, params, study.cfg.seed, study.cfg.protocol.trial_max_steps, out,
+                                  study.rows("tune"), curve=False)
+        except TrainingDiverged as e:
+            # a search space may reach a diverging rate (the demo searches SGD up to 1.0): the trial counts
+            # toward the budget with the worst score, is recorded as such, and the study goes on
+            rec = {"optimizer": opt, "k": k, "score": 0.0, "state": "diverged", "hash": h, "params": params,
+                   "seed": study.cfg.seed, "error": e.message.splitlines()[0]}
+            write_json(out / "trial.json", rec)
+            log.warning("trial %d of %s diverged (%s): recorded with tuning accuracy 0", k + 1, opt, rec["error"])
+            return rec
         info = res["info"]
         rec = {"optimizer": opt, "k": k, "score": info["accuracy"], "state": "complete", "hash": h, **info}
         write_json(out / "trial.json", rec)
@@ -620,7 +629,7 @@ def _finished_trials(study: Study, opt: str) -> dict[int, dict]:
     out = {}
     for k in range(study.cfg.protocol.trials):
         rec = _read_json(study.trial_dir(opt, k) / "trial.json")
-        if rec is not None and rec.get("state") == "complete":
+        if rec is not None and rec.get("state") in ("complete", "diverged"):
             out[k] = rec
     return out
 
@@ -630,7 +639,11 @@ def best_trial(study: Study, opt: str) -> dict:
     if len(trials) < study.cfg.protocol.trials:
         missing = sorted(set(range(study.cfg.protocol.trials)) - set(trials))
         raise UserError(f"{opt}: trials {missing} have not finished", "Run the train phase again: it resumes them.")
-    return max(trials.values(), key=lambda r: (r["score"], -(r["tune_loss"] or 0), -r["k"]))
+    complete = [r for r in trials.values() if r["state"] == "complete"]
+    if not complete:
+        raise UserError(f"{opt}: every one of its {len(trials)} trials diverged",
+                        f"Lower the learning-rate range of {opt} in the study config (optimizers.{opt}.search).")
+    return max(complete, key=lambda r: (r["score"], -(r["tune_loss"] or 0), -r["k"]))
 
 
 # ----------------------------------------------------------------------------- finals
@@ -646,7 +659,11 @@ def run_final(study: Study, opt: str, seed: int, best: dict) -> dict:
     def work() -> dict:
         rows = study.rows(study.cfg.eval.split)
         rows = rows[: study.cfg.eval.max_samples] if study.cfg.eval.max_samples else rows
-        res = train_and_score(study, opt, params, seed, study.cfg.protocol.final_max_steps, out, rows, curve=True)
+        try:
+            res = train_and_score(study, opt, params, seed, study.cfg.protocol.final_max_steps, out, rows,
+                                  curve=True)
+        except TrainingDiverged as e:
+            return diverged_final(out, opt, seed, best, params, rows, e)
         info = res["info"]
         write_jsonl(out / "eval" / "predictions.jsonl", res["predictions"])
         write_json(out / "eval" / "eval.json", res["report"])
@@ -660,6 +677,19 @@ def run_final(study: Study, opt: str, seed: int, best: dict) -> dict:
         return {"accuracy": info["accuracy"]}
 
     return study.step("final", f"final[{opt}, seed {seed}]", out, final_hash(study, opt, params, seed), work)
+
+
+def diverged_final(out: Path, opt: str, seed: int, best: dict, params: dict, rows: list[dict], error) -> dict:
+    """A final whose training diverged: every question counted wrong (it has no usable model), so that the
+    statistics and verdicts charge the optimizer for it; result.json says so."""
+    message = error.message.splitlines()[0]
+    write_jsonl(out / "eval" / "predictions.jsonl", [{"id": r.get("id"), "label": r["label"], "pred": None,
+                                                      "correct": False, "valid": False} for r in rows])
+    info = {"optimizer": opt, "from_trial": best["k"], "state": "diverged", "error": message, "params": params,
+            "seed": seed, "accuracy": 0.0, "n": len(rows)}
+    write_json(out / "result.json", info)
+    log.warning("final %s seed %d diverged (%s): every question counted wrong", opt, seed, message)
+    return {"accuracy": 0.0, "state": "diverged"}
 
 
 def train_phase(study: Study, opt: str) -> list:
@@ -705,9 +735,14 @@ def finish_held(study: Study, held: list) -> None:
 def merge_phase(study: Study, opt: str) -> dict:
     from qwen_ft.study.merge import merge_run
 
-    seed = study.cfg.protocol.final_seeds[0]
-    run = study.final_dir(opt, seed)
     best = best_trial(study, opt)
+    usable = [s for s in study.cfg.protocol.final_seeds
+              if (_read_json(study.final_dir(opt, s) / "result.json") or {}).get("state") != "diverged"]
+    if not usable:
+        log.warning("merge[%s]: every final diverged; nothing to merge", opt)
+        return {"merged": None}
+    seed = usable[0]  # the first seed's final, or the first that did not diverge
+    run = study.final_dir(opt, seed)
     h = final_hash(study, opt, best["params"], seed)
     study.require(run, h, "train", opt)
     m = study.cfg.merge

@@ -296,6 +296,11 @@ def plot_lr_sensitivity(data: StudyData):
             ),
             key=lambda t: t["params"]["learning_rate"],
         )
+        diverged = [t for t in data.trials.get(o, []) if t.get("state") == "diverged"
+                    and "learning_rate" in t.get("params", {})]
+        if diverged:
+            ax.plot([t["params"]["learning_rate"] for t in diverged], [0.0] * len(diverged), "x", color=colors[o],
+                    markersize=9, label=f"{o}: {len(diverged)} diverged")
         if not done:
             continue
         x, y = [t["params"]["learning_rate"] for t in done], [100 * t["score"] for t in done]
@@ -635,7 +640,10 @@ def _protocol(data: StudyData, analysis: dict) -> list[str]:
     ev, sizes = s.get("eval", {}), data.data.get("sizes", {})
     counts = {o: len(data.trials.get(o, [])) for o in data.optimizers}
     complete = {o: sum(t.get("state") == "complete" for t in data.trials.get(o, [])) for o in data.optimizers}
+    diverged = {o: sum(t.get("state") == "diverged" for t in data.trials.get(o, [])) for o in data.optimizers}
     equal = len(set(counts.values())) <= 1
+    lost = [f"{o} seed {f.seed}" for o in data.optimizers for f in data.finals.get(o, [])
+            if f.result.get("state") == "diverged"]
     kept = "; ".join(
         f"{o}: "
         + ", ".join(
@@ -654,13 +662,16 @@ def _protocol(data: StudyData, analysis: dict) -> list[str]:
         f"({sizes.get('tune', p.get('tune_rows'))} questions carved from the training data, disjoint "
         "from the validation set that reports the results).",
         "- Trials on file: "
-        + ", ".join(f"{o} {counts[o]} ({complete[o]} complete)" for o in data.optimizers)
+        + ", ".join(f"{o} {counts[o]} ({complete[o]} complete" + (f", {diverged[o]} diverged, scored 0"
+                                                                    if diverged[o] else "") + ")"
+                    for o in data.optimizers)
         + ("" if equal else " - **the trial counts differ: the comparison is not on an equal budget**")
         + ".",
         f"- **Finals**: each optimizer's best trial re-run with seeds {p.get('final_seeds')} (the seed "
         f"changes the LoRA initialisation and the data order) for {p.get('final_budget')}, scored on the "
         f"**{ev.get('split', 'validation')}** split ({sizes.get('validation', '?')} questions; decode "
         f"`{ev.get('decode')}`, normalize `{ev.get('normalize')}`).",
+        *([f"- **Diverged finals** (every question counted wrong): {', '.join(lost)}."] if lost else []),
         "- **Checkpoint selection** uses the tuning split only (never the validation set); the kept step of "
         f"each final (kept/total): {kept or '-'}.",
         f"- Learning curves and time-to-target: validation accuracy every {p.get('curve_every')} steps on a "
