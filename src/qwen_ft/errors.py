@@ -26,6 +26,10 @@ class UserError(Exception):
         return f"{text}\n{self.hint}" if self.hint else text
 
 
+class TrainingInterrupted(UserError):
+    """SIGTERM/SIGINT during training; a checkpoint was saved."""
+
+
 class TrainingDiverged(UserError):
     """Loss or gradient became NaN/inf during training."""
 

@@ -40,7 +40,7 @@ from qwen_ft.config import TrainConfig, config_hash, preset_for, resolve, save_y
 from qwen_ft.data.prepare import Prepared, prepare
 from qwen_ft.data.sources import is_hub
 from qwen_ft.encoding import IGNORE, PromptEncoder
-from qwen_ft.errors import ConfigDiffersError, Problems, UserError
+from qwen_ft.errors import ConfigDiffersError, Problems, TrainingInterrupted, UserError
 from qwen_ft.models import (
     apply_lora,
     base_shape,
@@ -432,8 +432,8 @@ def _train(r: Resolved, prepared: Prepared, plan: OutputPlan, base_model, callba
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_time = time.time() - t0
     if triggers.signal is not None and trainer.state.global_step < trainer.state.max_steps:
-        raise UserError(f"training interrupted at step {trainer.state.global_step}; a checkpoint was saved in "
-                        f"{run.checkpoints}", "Continue with the same command plus --resume.")
+        raise TrainingInterrupted(f"training interrupted at step {trainer.state.global_step}; a checkpoint was saved "
+                                  f"in {run.checkpoints}", "Continue with the same command plus --resume.")
 
     per_rank = dist.gather_objects(_rank_report(trainer))
     dist.check_replicas(per_rank)

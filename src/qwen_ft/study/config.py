@@ -276,6 +276,11 @@ def validate(cfg: StudyConfig, where: str) -> None:
             f"{where}: protocol.final_seeds must be a list of integers (got {pr.final_seeds})")
     pr.final_seeds = [int(s) for s in pr.final_seeds] if p.items == [] else pr.final_seeds
     p.check(len(set(pr.final_seeds)) == len(pr.final_seeds), f"{where}: protocol.final_seeds repeat a seed")
+    if not p.items:  # before the first trial, not after all of them
+        from qwen_ft.config import seed_problem
+
+        for s_ in pr.final_seeds:
+            p.check(seed_problem(s_) is None, f"{where}: protocol.final_seeds: {seed_problem(s_)}")
     p.check(pr.tune_rows >= 2, f"{where}: protocol.tune_rows must be >= 2")
     for key in ("trial_max_steps", "final_max_steps", "eval_steps", "curve_every"):
         v = getattr(pr, key)

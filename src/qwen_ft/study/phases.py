@@ -41,7 +41,7 @@ from pathlib import Path
 
 from qwen_ft import distributed as dist
 from qwen_ft.config import without_later_data_fields
-from qwen_ft.errors import ConfigDiffersError, TrainingDiverged, UserError
+from qwen_ft.errors import ConfigDiffersError, TrainingDiverged, TrainingInterrupted, UserError
 from qwen_ft.runs import read_jsonl, write_json, write_jsonl
 from qwen_ft.study import markers
 from qwen_ft.study.config import PHASES, OptimizerEntry, StudyConfig
@@ -278,6 +278,9 @@ def train_and_score(study: Study, opt: str, params: dict, seed: int, max_steps: 
     try:
         result = train(cfg, resume=resume, overwrite=not resume, base_model=study.base_model(),
                        prepared=study.prepared(), callbacks=callbacks, encode_cache=study._cache.setdefault("enc", {}))
+    except TrainingInterrupted as e:
+        raise UserError(e.message.splitlines()[0], "Run the same `qwen-ft study` command again: finished runs are "
+                        "skipped and this one resumes from its checkpoint.") from None
     except ConfigDiffersError:
         if not resume:
             raise
