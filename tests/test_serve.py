@@ -257,3 +257,44 @@ def test_multiple_choice_requests_and_their_errors(tiny_qwen3, tmp_path):
             r = httpx.post(f"{base}/v1/classify", json=body)
             assert r.status_code == 422 and message in r.json()["error"]["message"], r.text
         assert 'code="500"' not in httpx.get(f"{base}/metrics").text
+
+
+def test_the_guard_host_allow_list_api_key_everywhere_json_only_and_no_cors_by_default(clf):
+    from qwen_ft.serve import LOOPBACK_NAMES
+
+    key = {"Authorization": "Bearer k"}
+    with running(lambda: clf, api_key="k", allowed_hosts=LOOPBACK_NAMES) as base:
+        wait_ready(base)
+        assert httpx.get(f"{base}/health").status_code == 200  # probes need no key
+        for path in ("/metrics", "/openapi.json", "/v1/labels", "/v1/models"):
+            assert httpx.get(f"{base}{path}").status_code == 401, path
+        assert httpx.get(f"{base}/metrics", headers=key).status_code == 200
+        # a page's simple request (text/plain triggers no CORS preflight) is refused
+        r = httpx.post(f"{base}/v1/classify", content=b'{"text": "What is a tort?"}',
+                       headers={**key, "Content-Type": "text/plain"})
+        assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
+        # DNS rebinding: the browser sends the attacker's name as Host
+        r = httpx.post(f"{base}/v1/classify", json={"text": "What is a tort?"}, headers={**key, "Host": "evil.example"})
+        assert r.status_code == 421
+        r = httpx.post(f"{base}/v1/classify", json={"text": "What is a tort?"},
+                       headers={**key, "Origin": "https://evil.example"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    with running(lambda: clf, cors_origins=("https://app.example",)) as base:
+        wait_ready(base)
+        r = httpx.options(f"{base}/v1/classify", headers={"Origin": "https://app.example",
+                                                           "Access-Control-Request-Method": "POST"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_serve_abstains_below_min_confidence_and_counts_it(clf):
+    from qwen_ft.serve import Limits
+
+    with running(lambda: clf, limits=Limits(min_confidence=1.0, fallback_label="abstain")) as base:
+        wait_ready(base)
+        r = httpx.post(f"{base}/v1/classify", json={"texts": ["What is a tort?", "Ribosomes?"]}).json()
+        assert all(x["abstained"] and x["label"] == "abstain" and x["model_label"] in clf.labels for x in r["results"])
+        assert "qwen_ft_abstentions_total 2" in httpx.get(f"{base}/metrics").text
+    with running(lambda: clf, limits=Limits(min_confidence=0.0)) as base:
+        wait_ready(base)
+        r = httpx.post(f"{base}/v1/classify", json={"text": "What is a tort?"}).json()
+        assert r["results"][0]["abstained"] is False and r["results"][0]["label"] in clf.labels

@@ -108,6 +108,7 @@ class Metrics:
         self.batches = [0] * (len(BATCH_BUCKETS) + 1)
         self.batch_sum = 0
         self.texts = 0
+        self.abstentions = 0
 
     def request(self, endpoint: str, status: int, seconds: float) -> None:
         with self.lock:
@@ -115,6 +116,10 @@ class Metrics:
             counts = self.latency.setdefault(endpoint, [0] * (len(LATENCY_BUCKETS) + 1))
             counts[_bucket(LATENCY_BUCKETS, seconds)] += 1
             self.latency_sum[endpoint] = self.latency_sum.get(endpoint, 0.0) + seconds
+
+    def abstained(self, n: int) -> None:
+        with self.lock:
+            self.abstentions += n
 
     def batch(self, size: int) -> None:
         with self.lock:
@@ -144,6 +149,9 @@ class Metrics:
             out += _histogram("qwen_ft_batch_size", "", BATCH_BUCKETS, self.batches, self.batch_sum)
             out += ["# HELP qwen_ft_texts_total Texts classified.", "# TYPE qwen_ft_texts_total counter",
                     f"qwen_ft_texts_total {self.texts}",
+                    "# HELP qwen_ft_abstentions_total Texts answered with the fallback label (confidence below the "
+                    "threshold).", "# TYPE qwen_ft_abstentions_total counter",
+                    f"qwen_ft_abstentions_total {self.abstentions}",
                     "# HELP qwen_ft_queue_texts Texts waiting or being computed.", "# TYPE qwen_ft_queue_texts gauge",
                     f"qwen_ft_queue_texts {queued}",
                     "# HELP qwen_ft_model_loaded 1 once the model is loaded.", "# TYPE qwen_ft_model_loaded gauge",
@@ -263,15 +271,30 @@ class Batcher:
                                                   top_k=top_k, batch_size=self.limits.max_batch_size)
         if self.abstain is not None:
             results = [self.abstain.apply(r) for r in results]
+            self.metrics.abstained(sum(r["abstained"] for r in results))
         return results, stats
 
 
 # ----------------------------------------------------------------------------- the app
 
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def host_name(header: str) -> str:
+    """The name of a Host header, without its port ("[::1]:8000" -> "::1")."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
 def create_app(load: Callable[[], object], *, limits: Limits | None = None, api_key: str | None = None,
-               model_name: str = "qwen-ft", on_load_error: Callable[[str], None] | None = None) -> FastAPI:
+               model_name: str = "qwen-ft", on_load_error: Callable[[str], None] | None = None,
+               allowed_hosts: tuple[str, ...] | None = None, cors_origins: tuple[str, ...] = ()) -> FastAPI:
     """An app over the classifier that `load()` returns; it is called in the inference thread at startup,
-    and /health answers 503 until it returns."""
+    and /health answers 503 until it returns. `allowed_hosts`: the Host names served (others get 421: a web
+    page that rebinds its own name to this address cannot read answers); None serves any. With `api_key`
+    every route but /health needs it; no CORS headers unless `cors_origins` names the origins."""
     limits = limits or Limits()
     metrics = Metrics()
     state: dict = {}
@@ -322,6 +345,40 @@ def create_app(load: Callable[[], object], *, limits: Limits | None = None, api_
     async def internal_error(request: Request, e: Exception):
         log.exception("internal error on %s", request.url.path)
         return error_response(ApiError(500, f"internal error: {type(e).__name__}", "internal_error"))
+
+    allowed = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}
+
+    def refusal(request: Request) -> ApiError | None:
+        """Why this request is refused before any route sees it (None: it is not)."""
+        if allowed is not None and host_name(request.headers.get("host", "")) not in allowed:
+            return ApiError(421, "this server does not answer for that Host name (add it with --allowed-host)",
+                            "misdirected_request")
+        if request.method == "OPTIONS" and cors_origins:
+            return None  # a CORS preflight: the CORS middleware answers it
+        if request.url.path != "/health":
+            try:
+                authorize(request)
+            except ApiError as e:
+                return e
+        if request.method == "POST":
+            kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind != "application/json":
+                return ApiError(415, f"POST bodies must be sent as Content-Type: application/json (got "
+                                     f"{kind or 'none'})", "unsupported_media_type")
+        return None
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        refused = refusal(request)
+        if refused is not None:  # counted in /metrics by `observe`, the outer middleware
+            return error_response(refused)
+        return await call_next(request)
+
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     @app.middleware("http")
     async def observe(request: Request, call_next):

@@ -29,11 +29,12 @@ def run_serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, max_ba
               api_key: str | None = None, decode: str = "auto", normalize: str = "auto",
               precision: str = "auto", base_model: str | None = None, trust_remote_code: bool = False,
               model_name: str | None = None, min_confidence: float | None = None, fallback_label: str | None = None,
-              adapter_scale: float = 1.0) -> None:
+              adapter_scale: float = 1.0, allowed_hosts: list[str] | None = None,
+              cors_origins: list[str] | None = None) -> None:
     import uvicorn
 
     from qwen_ft.engine import Classifier
-    from qwen_ft.serve import Limits, create_app
+    from qwen_ft.serve import LOOPBACK_NAMES, Limits, create_app
 
     for name, value in (("--max-batch-size", max_batch_size), ("--max-queue", max_queue),
                         ("--max-texts-per-request", max_texts), ("--max-chars", max_chars)):
@@ -66,8 +67,13 @@ def run_serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, max_ba
         return Classifier.load(model_path, base_model=base_model, precision=precision,
                                trust_remote_code=trust_remote_code, adapter_scale=adapter_scale)
 
+    # loopback: only loopback Host names (a page that rebinds its name to 127.0.0.1 gets 421), plus those named;
+    # listening wider: the names given, else any (the machine's names are not known here)
+    hosts = tuple(LOOPBACK_NAMES) + tuple(allowed_hosts or ()) if host in LOOPBACK_NAMES else \
+        (tuple(allowed_hosts) if allowed_hosts else None)
     app = create_app(load, limits=limits, api_key=api_key, on_load_error=on_load_error,
-                     model_name=model_name or Path(model_path).resolve().name)
+                     model_name=model_name or Path(model_path).resolve().name, allowed_hosts=hosts,
+                     cors_origins=tuple(cors_origins or ()))
     # SIGTERM / Ctrl-C: uvicorn stops accepting, waits for in-flight requests (up to 30 s), then the app's
     # shutdown finishes the queue
     config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False,
@@ -101,7 +107,7 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--max-texts-per-request", type=int, default=64, help="Larger requests are answered 413.")
     p.add_argument("--max-chars", type=int, default=20_000, help="Longer texts are answered 413.")
     p.add_argument("--api-key", default=None,
-                   help="Require 'Authorization: Bearer KEY' on /v1/* (or set QWEN_FT_API_KEY).")
+                   help="Require 'Authorization: Bearer KEY' on every route but /health (or set QWEN_FT_API_KEY).")
     p.add_argument("--decode", default="auto", choices=("auto", "constrained", "exact"),
                    help="auto (default): constrained where answers end with an end token, else exact; constrained (fast; "
                         "first-token probabilities); exact (each label's full probability).")
@@ -111,7 +117,13 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--base-model", default=None)
     p.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own code (see validate).")
     add_abstention_flags(p)
+    p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="Also answer requests whose Host is NAME (repeatable). On loopback only loopback names are "
+                        "served by default; on other addresses any name unless this is given.")
+    p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                   help="Allow browser pages from ORIGIN (e.g. https://app.example) to call the API (repeatable); "
+                        "no CORS headers without it.")
     p.set_defaults(func=lambda a: run_serve(
         a.model_path, a.host, a.port, a.max_batch_size, a.max_wait_ms, a.max_queue, a.max_texts_per_request,
         a.max_chars, a.api_key, a.decode, a.normalize, a.precision, a.base_model, a.trust_remote_code,
-        a.model_name, a.min_confidence, a.fallback_label, a.adapter_scale))
+        a.model_name, a.min_confidence, a.fallback_label, a.adapter_scale, a.allowed_host, a.cors_origin))

@@ -205,14 +205,14 @@ def summary_table(report: dict, labels: list[str]) -> str:
     sel = report.get("selective")
     if sel:
         at = sel["accuracy_at_coverage"]
-        lines.append(f"balanced    {report['balanced_accuracy']:.4f}    AURC {sel['aurc']:.4f}    accuracy at "
-                     f"coverage 95% {at['0.95']:.4f}, 90% {at['0.9']:.4f}, 80% {at['0.8']:.4f}")
+        lines.append(f"balanced    {report['balanced_accuracy']:.4f}    AURC {sel['aurc']:.4f}    covered "
+                     f"95%: {at['0.95']:.4f}, 90%: {at['0.9']:.4f}, 80%: {at['0.8']:.4f} (most confident rows)")
     for col, table in (report.get("slices") or {}).items():
-        lines.append(f"by {col}:")
+        lines.append(f"by {col} (n, correct with its 95% CI, balanced):")
         for key, m in table.items():
             lo_, hi_ = m["accuracy_ci95"]
-            lines.append(f"  {key[:40]:<40} n={m['n']:<5d} accuracy {m['accuracy']:.4f} ({lo_:.3f}-{hi_:.3f})  "
-                         f"balanced {m['balanced_accuracy']:.4f}")
+            lines.append(f"  {key[:40]:<40} n={m['n']:<5d} {m['accuracy']:.4f} ({lo_:.3f}-{hi_:.3f})  "
+                         f"{m['balanced_accuracy']:.4f}")
     cal = report.get("calibration")
     if cal:
         lines.append(f"calibration ECE {cal['ece']:.4f}  NLL {cal['nll']:.4f}  " + (
