@@ -360,7 +360,8 @@ def test_edited_label_mapping_is_refused_not_scored_as_zero(capsys, finished, tm
 
     mapping = json.loads((finished / "label_mapping.json").read_text())
     edited = {**mapping, "labels": [lab.upper() for lab in mapping["labels"]]}
-    edited["label_to_id"] = {lab: i for i, lab in enumerate(edited["labels"])}
+    edited["label_to_id"] = edited["label2id"] = {lab: i for i, lab in enumerate(edited["labels"])}
+    edited["id2label"] = {str(i): lab for i, lab in enumerate(edited["labels"])}
     (finished / "label_mapping.json").write_text(json.dumps(edited))
     with pytest.raises(UserError, match="disagrees with the run's split files"):
         RunDir(finished).label_mapping()

@@ -48,9 +48,9 @@ def test_truncation_cuts_the_question_never_the_instruction_or_answer(chatml_tok
     enc = PromptEncoder(tok, task, max_length=96)
     short = {"question": "What is osmosis?", "label": "biology"}
     long = {"question": "Describe the cell. " + "It has many parts and functions. " * 60, "label": "computer science"}
-    full = enc.train_example(short)
-    ex = enc.train_example(long)
-    assert enc.n_truncated == 1 and len(full["input_ids"]) <= 96 and len(ex["input_ids"]) <= 96
+    full, short_cut = enc.example(short)
+    ex, long_cut = enc.example(long)
+    assert (short_cut, long_cut) == (False, True) and len(full["input_ids"]) <= 96 and len(ex["input_ids"]) <= 96
     text = tok.decode(ex["input_ids"])
     assert task.system_message() in text  # the instruction, whole
     assert text.rstrip().endswith("computer science<|im_end|>")  # the answer, whole

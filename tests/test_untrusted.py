@@ -26,8 +26,9 @@ def test_validate_never_writes_through_a_symlink_it_did_not_make(tiny_run, tmp_p
     run = copy_run(tiny_run, tmp_path / "run")
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
-    (run / "eval").mkdir()
+    (run / "eval").mkdir(exist_ok=True)
     for name in ("confusion_matrix.csv", "confusion_matrix.png", "reliability.png", "eval.json", "predictions.jsonl"):
+        (run / "eval" / name).unlink(missing_ok=True)
         (run / "eval" / name).symlink_to(victim)
     assert main(["validate", "--model-path", str(run), "--precision", "fp32"]) == 0
     assert victim.read_text() == "precious"
