@@ -363,6 +363,11 @@ def test_edited_label_mapping_is_refused_not_scored_as_zero(capsys, finished, tm
     edited["label_to_id"] = edited["label2id"] = {lab: i for i, lab in enumerate(edited["labels"])}
     edited["id2label"] = {str(i): lab for i, lab in enumerate(edited["labels"])}
     (finished / "label_mapping.json").write_text(json.dumps(edited))
+    refused = "not the ones the model was trained on"  # run.json's labels_sha256 is checked first
+    with pytest.raises(UserError, match=refused):
+        RunDir(finished).label_mapping()
+    run_json = json.loads((finished / "run.json").read_text())
+    (finished / "run.json").write_text(json.dumps({k: v for k, v in run_json.items() if k != "labels_sha256"}))
     with pytest.raises(UserError, match="disagrees with the run's split files"):
         RunDir(finished).label_mapping()
     for argv in (["merge", "--model-path", str(finished), "--output-dir", str(tmp_path / "m")],

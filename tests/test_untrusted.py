@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -38,6 +39,7 @@ def test_validate_never_writes_through_a_symlink_it_did_not_make(tiny_run, tmp_p
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     run2 = copy_run(tiny_run, tmp_path / "run2")
+    shutil.rmtree(run2 / "eval", ignore_errors=True)
     (run2 / "eval").symlink_to(elsewhere, target_is_directory=True)
     assert main(["validate", "--model-path", str(run2), "--precision", "fp32"]) == 2
     assert "symbolic link" in capsys.readouterr().err and not any(elsewhere.iterdir())
