@@ -50,7 +50,7 @@ def run_fold(k: int, groups: list[str], column: str, a: argparse.Namespace) -> d
                "--holdout-groups", ",".join(groups), "--output-dir", str(out), *a.extra]
         if a.data:
             cmd += ["--data", a.data]
-        if (out / "run.json").is_file():
+        if RunDir(out).started:
             cmd.append("--resume")
         print(f"fold {k}: training, {len(groups)} groups held out -> {out}", flush=True)
         subprocess.run(cmd, check=True)

@@ -35,10 +35,10 @@ def cpu_name() -> str:
 
 
 def validate(run: Path, out: Path, *flags: str) -> dict:
-    if not (out / "eval.json").is_file():
+    if RunDir(run).eval(out) is None:
         subprocess.run([sys.executable, "-m", "qwen_ft", "validate", "--model-path", str(run), "--output-dir",
                         str(out), *flags], check=True, stdout=subprocess.DEVNULL)
-    return json.loads((out / "eval.json").read_text())
+    return RunDir(run).eval(out)
 
 
 def training_minutes(run: Path) -> float | None:

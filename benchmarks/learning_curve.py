@@ -26,6 +26,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "src"))
+
+from qwen_ft.runs import RunDir, read_eval  # noqa: E402
 
 
 def qwen_ft(*args: str, log: Path) -> float:
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
         split_flags = ["--split-by", args.split_by, "--test-fraction", args.test_fraction] if args.split_by \
             else ["--test-fraction", "0"]
         wall_file = run / "curve_train_seconds.json"
-        if not (run / "eval" / "eval.json").is_file():
+        if RunDir(run).eval() is None:
             train_s = qwen_ft("train", "--model", args.model, "--data", args.data, *split_flags,
                               "--head", "classification" if head == "head" else "generative", *augment,
                               "--val-fraction", args.val_fraction, "--max-train-samples-per-category", per_cat,
@@ -81,7 +84,7 @@ def main(argv=None) -> int:
                               "--output-dir", str(run), *(["--overwrite"] if run.exists() else []), log=log)
             wall_file.write_text(json.dumps({"train_wall_s": round(train_s, 1)}))
             qwen_ft("validate", "--model-path", str(run), log=log)
-        if args.split_by and not (run / "eval-test" / "eval.json").is_file():
+        if args.split_by and RunDir(run).eval("eval-test") is None:
             qwen_ft("validate", "--model-path", str(run), "--split", "test", "--output-dir", str(run / "eval-test"),
                     log=log)
         rows.append(figures(run, per_cat, epochs, batch, lr))
@@ -100,9 +103,9 @@ def untrained_row(args, out: Path, log: Path) -> dict:
     """The untrained model, scored with the first point's prompt on the same validation (and test) rows."""
     base = out / "untrained"
     first = parse_point(args.points.split(",")[0], out)[-1]
-    if not (base / "eval.json").is_file():
+    if read_eval(base) is None:
         qwen_ft("validate", "--model-path", str(first), "--baseline", "--output-dir", str(base), log=log)
-    if args.split_by and not (out / "untrained-test" / "eval.json").is_file():
+    if args.split_by and read_eval(out / "untrained-test") is None:
         qwen_ft("validate", "--model-path", str(first), "--baseline", "--split", "test", "--output-dir",
                 str(out / "untrained-test"), log=log)
     untrained = figures(first, "0", "-", "-", "-", eval_dir=base)
@@ -119,17 +122,16 @@ def parse_point(point: str, out: Path) -> tuple[str, str, str, str, str, Path]:
 
 
 def figures(run: Path, per_cat, epochs, batch, lr, eval_dir: Path | None = None) -> dict:
-    ev = json.loads(((eval_dir or run / "eval") / "eval.json").read_text())
+    ev = RunDir(run).eval(eval_dir or "eval")
     test_dir = (eval_dir.parent / f"{eval_dir.name}-test") if eval_dir else run / "eval-test"
-    unseen = json.loads((test_dir / "eval.json").read_text()) if (test_dir / "eval.json").is_file() else None
+    unseen = read_eval(test_dir)
     n = ev["n"] if "n" in ev else ev["support"]
     k = round(ev["accuracy"] * n)
     lo, hi = wilson(k, n)
-    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()][-1]
+    final = RunDir(run).final_metrics() or {}
     wall = json.loads((run / "curve_train_seconds.json").read_text())["train_wall_s"] \
         if (run / "curve_train_seconds.json").is_file() else None
-    train_rows = sum(1 for line in (run / "split" / "train.jsonl").read_text().splitlines() if line.strip()) \
-        if (run / "split" / "train.jsonl").is_file() else None
+    train_rows = len(RunDir(run).split("train")) if RunDir(run).has_split("train") else None
     return {"rows_per_category": per_cat, "train_rows": train_rows if eval_dir is None else 0, "epochs": epochs,
             "batch_size": batch, "learning_rate": lr, "val_rows": n, "accuracy": ev["accuracy"],
             "ci95": [round(lo, 4), round(hi, 4)], "macro_f1": ev.get("macro_f1"),

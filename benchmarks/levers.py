@@ -8,14 +8,14 @@ fp32 / bf16 autocast over fp32 weights / bf16 weights (LoRA fp32), LoRA dropout 
 logits for the answer positions only vs every position, frozen linears held in bf16
 (`models.frozen_in_compute_dtype`, the default on CPU: the same losses bit for bit), sdpa vs the default CPU
 matmul attention (`qwen_ft.attention`, the default on CPU), padded vs always packed batches
-(`training.PackedCollator` with `pack_above=0`; the default packs only batches that would pad more than 1.2x,
+(`training.batches.PackedCollator` with `pack_above=0`; the default packs only batches that would pad more than 1.2x,
 and these length-grouped batches hardly pad), and each layer's MLP + norms compiled
 (`models.compiled_blocks`, the `--torch-compile` path; the first step's seconds, compiling included, are
 printed too; the whole model compiled measured 209.9 tokens/s after 165 s compiling, vs 251.7 for the
 blocks). Validation: samples/s of exact scoring vs the fast trie decode, with and without the
 shared-prefix KV cache, bf16 vs fp32 weights, sdpa vs the matmul attention, batch sizes; all through the inference engine
 (`engine.Classifier`), except the decode without the shared prefix, which the engine always shares: that
-one runs scoring.py's stateless kernels over the whole prompts, on the engine's batch plan.
+one runs kernels.py's stateless kernels over the whole prompts, on the engine's batch plan.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from peft.helpers import disable_input_dtype_casting
 from qwen_ft.config import DataArgs, LoraArgs
 from qwen_ft.data.prepare import prepare
 from qwen_ft.encoding import PromptEncoder
-from qwen_ft.engine import Classifier
+from qwen_ft.inference.engine import Classifier
+from qwen_ft.inference.kernels import Counts, greedy_trie, suffix_pass
 from qwen_ft.models import (
     apply_lora,
     compiled_blocks,
@@ -43,13 +44,12 @@ from qwen_ft.models import (
     load_tokenizer,
     resolve_model,
 )
-from qwen_ft.scoring import Counts, greedy_trie, suffix_pass
-from qwen_ft.training import LeftPadCollator, PackedCollator, answer_loss
+from qwen_ft.training.batches import LeftPadCollator, PackedCollator, answer_loss
 
 
 def train_batches(encoder, rows, batch_size: int, n: int, seed: int = 0, pack_above: float | None = None) -> list[dict]:
     """n length-grouped batches (sorted mega-batch, as the Trainer's group_by_length does), padded on the left,
-    or with `pack_above` collated by training.PackedCollator (0: every batch one row without padding); the same
+    or with `pack_above` collated by training.batches.PackedCollator (0: every batch one row without padding); the same
     examples either way."""
     feats = [encoder.train_example(r) for r in rows]
     random.Random(seed).shuffle(feats)
@@ -146,7 +146,7 @@ def bench_training(path, encoder, rows, steps: int, batch_size: int, only: str |
 
 def decode_unshared(engine: Classifier, rows: list[dict], batch_size: int) -> list[str]:
     """The constrained decode's predictions with no shared-prefix KV cache: every row runs its whole prompt
-    (scoring.py's kernels, prefix length 0, over the engine's batch plan for that length)."""
+    (kernels.py's kernels, prefix length 0, over the engine's batch plan for that length)."""
     prompts = [engine.encoder.prompt_ids(r) for r in rows]
     counts = Counts()
     preds: list[str] = [""] * len(rows)

@@ -10,7 +10,6 @@ validation rows that are not copies. A gap between the two figures is what memor
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ def near_copy_row(run: Path) -> dict:
     rd = RunDir(run)
     splits = {name: rd.split(name) for name in ("train", "validation")}
     counts, matches = screen(splits)
-    preds = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines() if line]
+    preds = rd.predictions("eval") or []
     if len(preds) != len(splits["validation"]):
         raise SystemExit(f"{run}/eval/predictions.jsonl has {len(preds)} rows, the validation split "
                          f"{len(splits['validation'])}: run `qwen-ft validate --model-path {run}` first")

@@ -20,12 +20,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from qwen_ft.runs import RunDir  # noqa: E402
+
 
 def validate(run: Path, out: Path, *flags: str) -> dict:
-    if not (out / "eval.json").is_file():
+    if RunDir(run).eval(out) is None:
         subprocess.run([sys.executable, "-m", "qwen_ft", "validate", "--model-path", str(run), "--output-dir",
                         str(out), *flags], check=True, stdout=subprocess.DEVNULL)
-    return json.loads((out / "eval.json").read_text())
+    return RunDir(run).eval(out)
 
 
 def row(run: Path, name: str, baseline: bool = False) -> dict:
@@ -33,7 +37,7 @@ def row(run: Path, name: str, baseline: bool = False) -> dict:
     tag = "-baseline" if baseline else ""
     val = validate(run, run / f"eval{tag}", *extra)
     test = validate(run, run / f"eval{tag}-test", "--split", "test", *extra) \
-        if (run / "split" / "test.jsonl").is_file() and (run / "split" / "test.jsonl").stat().st_size else None
+        if RunDir(run).has_split("test") and RunDir(run).split("test") else None
     typos = {rate: validate(run, run / f"eval{tag}-typos-{rate}", "--perturb", f"typos:{rate}", *extra)["accuracy"]
              for rate in ("0.05", "0.1")}
     cal = None
@@ -41,7 +45,7 @@ def row(run: Path, name: str, baseline: bool = False) -> dict:
         calib = validate(run, run / "eval-calibrate", "--calibrate")["calibration"]["fit"]
         cal = {"ece_raw": calib["ece_before"], "ece_calibrated_cross_fitted": calib["ece_cross_fitted"],
                "temperature": calib["temperature"]}
-    final = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()][-1]
+    final = RunDir(run).final_metrics() or {}
     return {"name": name, "run": str(run), "n": val["n"], "accuracy": val["accuracy"], "ci95": val["accuracy_ci95"],
             "macro_f1": val["macro_f1"], "unseen_accuracy": test["accuracy"] if test else None,
             "unseen_n": test["n"] if test else None, "typos_0.05": typos["0.05"], "typos_0.10": typos["0.1"],

@@ -39,16 +39,17 @@ def free_port() -> int:
 def load_texts(args) -> list[str]:
     if args.texts:
         sys.path.insert(0, str(REPO / "src"))
-        from qwen_ft.commands.predict_file import file_format, read_records
+        from qwen_ft.inference.batch_files import file_format, read_records
 
         records = read_records(args.texts, file_format(args.texts, None, "input"), 1024)
         texts = [str(r.get(args.text_column) or "") for r in records]
     else:
-        texts = []
-        for split in ("validation", "test", "train"):
-            path = Path(args.model_path) / "split" / f"{split}.jsonl"
-            if path.is_file():
-                texts += [json.loads(x)["question"] for x in path.read_text().splitlines() if x.strip()]
+        sys.path.insert(0, str(REPO / "src"))
+        from qwen_ft.runs import RunDir
+
+        run = RunDir(args.model_path)
+        texts = [r["question"] for split in ("validation", "test", "train") if run.has_split(split)
+                 for r in run.split(split)]
     texts = [t for t in texts if t.strip()]
     if not texts:
         sys.exit("no texts found (pass --texts FILE)")

@@ -130,7 +130,7 @@ class FlopCounter:
         if ids is None:
             return
         b, t = ids.shape
-        segments = kwargs.get(SEGMENTS)  # a packed batch (training.PackedCollator): one row, no padding
+        segments = kwargs.get(SEGMENTS)  # a packed batch (training.batches.PackedCollator): one row, no padding
         lengths = segments or (mask.sum(1).tolist() if mask is not None else [t] * b)
         self.samples += len(lengths)
         self.padded_tokens += b * t
@@ -338,15 +338,20 @@ def _count_steps(trainer, counter: FlopCounter) -> None:
 # ============================================================================ ours worker
 
 def run_ours(spec: dict) -> dict:
+    import importlib
+
     import torch
 
-    import qwen_ft.training as train_lib
+    from qwen_ft import process
     from qwen_ft.commands.validate import run_validate
     from qwen_ft.precision import resolve_precision
 
+    process.setup()  # the threads and allocator the `qwen-ft` command sets for itself
+    train_lib = importlib.import_module("qwen_ft.training.train")  # the module (qwen_ft.training.train: the function)
+
     timing: dict = {}
     holder: dict = {}
-    original_build = train_lib._build_trainer
+    original_build = train_lib._setup_trainer
 
     def build_with_budget(cfg, run, model, tokenizer, train_ds, val_ds, precision, extra_callbacks):
         trainer = original_build(cfg, run, model, tokenizer, train_ds, val_ds, precision, extra_callbacks)
@@ -367,13 +372,13 @@ def run_ours(spec: dict) -> dict:
         holder["peak"] = matmul_peak(dtype, cfg.hidden_size, cfg.intermediate_size, spec["peak_seconds"])
         return model
 
-    train_lib._build_trainer = build_with_budget
+    train_lib._setup_trainer = build_with_budget
     run_dir = Path(spec["workdir"]) / "ours"
     user = {"model.model": spec["model"], "data.data": spec["data"], "data.task": spec["task"],
             "data.max_samples_per_category": spec["max_samples_per_category"], "train.output_dir": str(run_dir)}
     user.update(spec.get("ours_overrides") or {})
     train_lib.train(user, overwrite=True, model_hook=hook)
-    train_lib._build_trainer = original_build
+    train_lib._setup_trainer = original_build
     result = {"train": train_summary(holder["counter"], timing, holder["n_train"], holder["peak"])}
     kwargs = dict(spec.get("validate_overrides") or {})
     report = run_validate(str(run_dir), "validation", spec["num_val_samples"], **kwargs)

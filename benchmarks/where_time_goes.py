@@ -49,13 +49,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from levers import TrainVariant, train_batches  # noqa: E402
 from vs_reference import FlopCounter, matmul_peak  # noqa: E402
 
+from qwen_ft import process  # noqa: E402
 from qwen_ft.config import DataArgs  # noqa: E402
 from qwen_ft.data.prepare import prepare  # noqa: E402
 from qwen_ft.encoding import PromptEncoder  # noqa: E402
-from qwen_ft.engine import Classifier  # noqa: E402
+from qwen_ft.inference.engine import Classifier  # noqa: E402
 from qwen_ft.models import load_model, load_tokenizer, resolve_model  # noqa: E402
 from qwen_ft.precision import inference_dtype, resolve_precision  # noqa: E402
-from qwen_ft.training import PACK_ABOVE_PADDING  # noqa: E402
+from qwen_ft.training.batches import PACK_ABOVE_PADDING  # noqa: E402
 
 GROUPS = {
     "matmul (mm/addmm/bmm/linear)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
@@ -226,6 +227,7 @@ def main() -> None:
     p.add_argument("--eval-batch-size", type=int, default=32)
     p.add_argument("--json", default=None)
     a = p.parse_args()
+    process.setup()  # the qwen-ft command's threads and allocator: these figures are the command's
     precision = resolve_precision("auto")
     prepared = prepare(DataArgs(data=a.data, max_samples_per_category=a.max_samples_per_category), 42)
     path = resolve_model(a.model)

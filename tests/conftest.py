@@ -159,3 +159,38 @@ def tiny_run(tmp_path_factory, tiny_qwen3) -> Path:
 def copy_run(run: Path, dst: Path) -> Path:
     shutil.copytree(run, dst)
     return dst
+
+
+class ForcedAnswer:
+    """The model made to write `answer` (token ids) after the token `after`, whatever its weights say, so that a
+    test knows the right answer of an untrained model. A forward hook lifts, at every position whose input token
+    is `after` or a token of `answer`, the logit of the token that follows it in `after + answer` to `margin`
+    above that position's largest logit. Every way of calling the model (generate, cached, padded and packed
+    passes, plain full forwards) sees the same forced model. The tokens of `after + answer` must be distinct
+    but for the last (each one has a single successor)."""
+
+    def __init__(self, model, after: int, answer: list[int], margin: float = 30.0):
+        chain = [after, *answer]
+        assert len(set(chain[:-1])) == len(chain) - 1, f"a token repeats in {chain}: no bigram can force it"
+        self.model, self.margin = model, margin
+        self.successor = dict(zip(chain[:-1], chain[1:]))
+
+    def _hook(self, module, args, kwargs, output):
+        import torch
+
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        logits = output.logits
+        keep = kwargs.get("logits_to_keep")
+        # the input token at each position whose logits were kept (packed passes keep listed positions)
+        ids = ids[:, keep.to(ids.device)] if isinstance(keep, torch.Tensor) else ids[:, -logits.size(1):]
+        top = logits.amax(-1)
+        for token, successor in self.successor.items():
+            at = (ids == token).to(logits.device)
+            logits[..., successor] = torch.where(at, top + self.margin, logits[..., successor])
+
+    def __enter__(self) -> ForcedAnswer:
+        self.handle = self.model.register_forward_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()

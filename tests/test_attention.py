@@ -112,7 +112,7 @@ def test_only_the_default_sdpa_is_switched():
 def test_packed_segments_over_a_prefix_match_sdpa_and_skip_the_masked_pairs(monkeypatch):
     """scoring.packed_pass passes the segment lengths: the segment path must give sdpa's logits under the
     block-diagonal mask (prefix 6 tokens, then segments of 1, 5 and 3), without building the packed scores."""
-    from qwen_ft.scoring import Counts, packed_pass, prefix_cache
+    from qwen_ft.inference.kernels import Counts, packed_pass, prefix_cache
 
     model = tiny()
     fast = switched(model)

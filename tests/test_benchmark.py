@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from qwen_ft.encoding import PromptEncoder
-from qwen_ft.engine import Classifier
+from qwen_ft.inference.engine import Classifier
 from qwen_ft.tasks import CategoryTask, MultipleChoiceTask
 from tests.conftest import REPO, full_logprobs
 
@@ -46,17 +46,61 @@ def test_benchmark_script_end_to_end(tiny_qwen3, tmp_path):
     assert proc.returncode == 2 and "measured another setting (budget_s)" in proc.stderr, proc.stderr[-2000:]
 
 
+def run_benchmark(script: str, model, out, *extra: str) -> tuple[dict, str]:
+    """(the JSON the script wrote, its stdout) of one benchmarks/ script on the tiny model and the demo data."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--model", str(model), "--data", "demo",
+                           "--json", str(out), *extra], capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def check_profile(r: dict, printed: str) -> None:
+    """where_time_goes.py's figures: printed as written, shares that add up, positive times and rates."""
+    assert json.dumps(r, indent=1) in printed  # the figures printed are the figures written
+    assert r["precision"] in ("fp32", "bf16") and r["threads"] >= 1
+    assert r["seconds_under_profiler"] > 0 and r["tokens_per_s_under_profiler"] > 0
+    shares = r["time_share"]
+    assert any(g.startswith("matmul") for g in shares) and all(0 <= s <= 1 for s in shares.values())
+    assert abs(sum(shares.values()) - 1) <= 0.01  # each share rounded to 3 decimals
+    assert r["top_ops_self_s"] and all(t >= 0 for t in r["top_ops_self_s"].values())
+    assert r["matmul_peak"]["gflops"] > 0 and (r["matmul_kernel_gflops"] or 0) >= 0
+    u = r["unprofiled"]  # timed without the profiler, then each recorded operator replayed alone
+    assert u["pass_s"] >= 0 and isinstance(u["pass_minor_faults"], int) and "matmuls" in u["ops_alone_s"]
+    assert all(t >= 0 for t in u["ops_alone_s"].values()) and u["matmuls_share_of_pass"] >= 0
+    assert u["counted_of_peak"] >= 0
+
+
 def test_profile_and_levers_scripts_run(tiny_qwen3, tmp_path):
-    for script, extra in (("where_time_goes.py", ["--steps", "1", "--max-samples-per-category", "3"]),
-                          ("where_time_goes.py", ["--eval", "--eval-rows", "4", "--max-samples-per-category", "3"]),
-                          ("levers.py", ["--train-steps", "1", "--max-samples-per-category", "3", "--eval-rows", "4",
-                                         "--eval-rounds", "1", "--only", "current default"])):
-        out = tmp_path / f"{script}.json"
-        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--model", str(tiny_qwen3),
-                               "--data", "demo", "--json", str(out), *extra], capture_output=True, text=True,
-                              timeout=280)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert json.loads(out.read_text())
+    import math
+
+    import torch
+
+    common = ("--max-samples-per-category", "3")
+    train, printed = run_benchmark("where_time_goes.py", tiny_qwen3, tmp_path / "t.json", "--steps", "1", *common)
+    check_profile(train, printed)
+    assert train["train_steps"] == 1 and len(train["steps_s"]) == 1 and train["steps_s"][0] >= 0
+    assert any("optimizer" in g for g in train["time_share"])  # a training step runs the optimizer
+    ev, printed = run_benchmark("where_time_goes.py", tiny_qwen3, tmp_path / "e.json", "--eval", "--eval-rows", "4",
+                                *common)
+    check_profile(ev, printed)
+    assert ev["eval_rows"] == 4 and "train_steps" not in ev
+    assert not any("optimizer" in g for g in ev["time_share"])  # validation runs no optimizer
+    # "fp32, dropout 0" names two training variants (dropout 0.05 and 0): both measured, one warm-up step each
+    lev, printed = run_benchmark("levers.py", tiny_qwen3, tmp_path / "l.json", "--train-steps", "1", "--eval-rows",
+                                 "4", "--eval-rounds", "1", "--only", "fp32, dropout 0", *common)
+    assert lev["torch"] == torch.__version__ and lev["threads"] >= 1
+    t = lev["train_tokens_per_s"]
+    names = ["fp32, dropout 0.05", "fp32, dropout 0"]
+    assert json.dumps(t, indent=1) in printed and json.dumps(lev["eval_samples_per_s"], indent=1) in printed
+    assert set(t) == {*names, "first step s (includes compiling)", "losses"}
+    assert all(t[n] > 0 for n in names) and set(t["first step s (includes compiling)"]) == set(names)
+    for n in names:  # warm-up + one timed step, each a plausible cross-entropy over the tiny vocabulary
+        assert len(t["losses"][n]) == 2 and all(math.isfinite(x) and 0 < x < 20 for x in t["losses"][n])
+    e = lev["eval_samples_per_s"]
+    speeds = {k: v for k, v in e.items() if not k.startswith("agreement")}
+    assert len(speeds) == 8 and all(v > 0 for v in speeds.values())
+    agreements = [v for k, v in e.items() if k.startswith("agreement")]
+    assert len(agreements) == 2 and all(0 <= a <= 1 for a in agreements)
 
 
 # ----------------------------------------------------------------------------- fast constrained decode
@@ -119,11 +163,21 @@ def test_fast_decode_shared_first_token_follows_greedy_trie(tiny_model, qwen_tok
 
 
 def test_fast_decode_multiple_choice_respects_each_rows_letters(tiny_model, qwen_tok):
+    from tests.conftest import ForcedAnswer
+
     rows = [{"question": "Where do you keep milk cold?", "choices": ["oven", "fridge", "drawer", "car", "roof"]},
             {"question": "Pick one.", "choices": ["yes", "no"]},
             {"question": "Which is a prime?", "choices": ["4", "6", "7"]}]
     task = MultipleChoiceTask.create([{**r, "label": "A"} for r in rows])
     enc = PromptEncoder(qwen_tok, task, max_length=256)
-    fast, _ = Classifier(tiny_model, enc).classify(rows, batch_size=2)
+    after = enc.prompt_ids(rows[0])[-1]  # every prompt ends with the assistant turn opened
+    assert all(enc.prompt_ids(r)[-1] == after for r in rows)
+    # the model made to answer E: the row with five choices says E; the others have no E, and each gives the
+    # greedy pick among its own letters (a decode over every letter would say E for them too)
+    with ForcedAnswer(tiny_model, after, enc.label_ids["E"]):
+        fast, _ = Classifier(tiny_model, enc).classify(rows, batch_size=2)
+        expected = [brute_force_greedy(tiny_model, enc.prompt_ids(r), enc.label_ids, task.row_labels(r))
+                    for r in rows]
+    assert expected[0] == "E" and [res["pred"] for res in fast] == expected
     for row, res in zip(rows, fast):
-        assert res["pred"] in task.row_labels(row)
+        assert res["valid"] and res["pred"] in task.row_labels(row)

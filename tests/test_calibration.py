@@ -11,9 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from qwen_ft import calibration as calib
 from qwen_ft.cli import main
-from qwen_ft.engine import Classifier, _calibrated, _ranked
+from qwen_ft.inference import calibration as calib
+from qwen_ft.inference.decoding import _calibrated, _ranked
+from qwen_ft.inference.engine import Classifier
 from qwen_ft.runs import RunDir
 from tests.conftest import copy_run
 
@@ -163,7 +164,7 @@ def test_validate_calibrate_then_every_consumer_reports_calibrated_probabilities
     # serve: the response carries both
     from fastapi.testclient import TestClient
 
-    from qwen_ft.serve import Limits, create_app
+    from qwen_ft.inference.serve import Limits, create_app
 
     with TestClient(create_app(lambda: clf, limits=Limits(decode="exact", max_wait_ms=1))) as client:
         for _ in range(600):
@@ -177,7 +178,7 @@ def test_validate_calibrate_then_every_consumer_reports_calibrated_probabilities
         assert served["raw_probability"] == pytest.approx(r["probability"], abs=1e-4)
 
     # merge copies it: the merged folder reports the same calibrated probabilities
-    from qwen_ft.study.merge import merge_run
+    from qwen_ft.merge import merge_run
 
     merge_run(run, tmp_path / "merged", dtype="fp32")
     merged, _ = Classifier.load(tmp_path / "merged", precision="fp32").classify(rows, decode="exact")

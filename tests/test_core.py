@@ -11,10 +11,10 @@ import yaml
 from qwen_ft.config import PRESETS, TrainConfig, preset_for
 from qwen_ft.data.prepare import prepare
 from qwen_ft.encoding import IGNORE, PromptEncoder
-from qwen_ft.engine import Classifier
+from qwen_ft.inference.engine import Classifier
 from qwen_ft.models import load_model
 from qwen_ft.tasks import CategoryTask, MultipleChoiceTask
-from qwen_ft.training import LeftPadCollator, answer_loss
+from qwen_ft.training.batches import LeftPadCollator, answer_loss
 
 
 def category_task():
@@ -93,15 +93,36 @@ def test_constrained_scoring_valid_and_exact(tiny_qwen3, qwen_tok):
 
 
 def test_multiple_choice_prompt_and_letters(qwen_tok, tiny_qwen3):
+    from tests.conftest import ForcedAnswer, full_logprobs
+
     rows = [{"question": "Where do you keep milk cold?", "choices": ["oven", "fridge", "drawer", "car", "roof"],
-             "label": "B"}]
+             "label": "B"},
+            {"question": "Pick the odd one out.", "choices": ["red", "blue", "seven"], "label": "C"}]
     task = MultipleChoiceTask.create(rows)
     enc = PromptEncoder(qwen_tok, task, max_length=256)
     text = qwen_tok.decode(enc.prompt_ids(rows[0]))
     for letter, choice in zip("ABCDE", rows[0]["choices"]):
         assert f"{letter}. {choice}" in text
-    clf = Classifier(load_model(str(tiny_qwen3)).eval(), enc)
-    assert clf.classify(rows, decode="exact")[0][0]["pred"] in list("ABCDE")
+    model = load_model(str(tiny_qwen3)).eval()
+    clf = Classifier(model, enc)
+
+    def likeliest(row) -> set[str]:  # by hand: the row's letters whose answer (letter + end of turn) is likeliest
+        labels, seqs = enc.answer_options(row)
+        prompt = enc.prompt_ids(row)
+        scores = [sum(float(full_logprobs(model, prompt + seq)[len(prompt) - 1 + k, t]) for k, t in enumerate(seq))
+                  for seq in seqs]
+        return {lab for lab, s in zip(labels, scores) if s >= max(scores) - 1e-4}  # a float tie: either
+
+    for row, res in zip(rows, clf.classify(rows, decode="exact")[0]):
+        assert res["pred"] in likeliest(row)
+    # the model made to answer D, neither the first letter nor the row's label: exact scoring says D where
+    # the row has a D, and the likeliest of its own letters where it has only A-C
+    after = enc.prompt_ids(rows[0])[-1]  # every prompt ends with the assistant turn opened
+    assert enc.prompt_ids(rows[1])[-1] == after
+    with ForcedAnswer(model, after, enc.answer_ids("D")):
+        forced, _ = clf.classify(rows, decode="exact")
+        assert forced[0]["pred"] == "D" and forced[0]["probability"] > 0.99
+        assert forced[1]["pred"] in likeliest(rows[1]) and forced[1]["pred"] in ("A", "B", "C")
 
 
 def test_presets_by_parameter_count():

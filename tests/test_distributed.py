@@ -143,11 +143,11 @@ LAUNCHER = """
 """
 
 FAIL_ON_RANK_1 = """
-    from qwen_ft import training as train
+    from qwen_ft.training import batches
     from qwen_ft.errors import UserError
 
     if os.environ["RANK"] == "1":  # rank 1 meets a bad batch at its second step; rank 0 waits in all-reduce
-        real, calls = train.answer_loss, []
+        real, calls = batches.answer_loss, []
 
         def failing_loss(*args, **kwargs):
             calls.append(1)
@@ -155,16 +155,16 @@ FAIL_ON_RANK_1 = """
                 raise UserError("injected failure on rank 1 (bad batch)")
             return real(*args, **kwargs)
 
-        train.answer_loss = failing_loss
+        batches.answer_loss = failing_loss
 """
 
 SIGTERM_ON_RANK_1 = """
     import signal
 
-    from qwen_ft import training as train
+    from qwen_ft.training import batches
 
     if os.environ["RANK"] == "1":  # only rank 1 is told to stop, in the middle of its second step
-        real, calls = train.answer_loss, []
+        real, calls = batches.answer_loss, []
 
         def loss(*args, **kwargs):
             calls.append(1)
@@ -172,7 +172,7 @@ SIGTERM_ON_RANK_1 = """
                 os.kill(os.getpid(), signal.SIGTERM)
             return real(*args, **kwargs)
 
-        train.answer_loss = loss
+        batches.answer_loss = loss
 """
 
 NO_USE_CPU = """

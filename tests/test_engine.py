@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from qwen_ft.encoding import PromptEncoder
-from qwen_ft.engine import Classifier
 from qwen_ft.errors import UserError
+from qwen_ft.inference.engine import Classifier
 from qwen_ft.tasks import CategoryTask, MultipleChoiceTask
 from tests.conftest import full_logprobs
 
@@ -128,13 +128,35 @@ def test_batching_and_top_k_do_not_change_predictions(classifiers):
 
 
 def test_free_decoding_is_valid_only_on_an_exact_answer(classifiers):
+    from tests.conftest import ForcedAnswer
+
     clf = classifiers["unique first tokens"]
-    results, stats = clf.classify(rows_for(clf.encoder), decode="free", batch_size=4)
-    for res in results:
+    rows = rows_for(clf.encoder)
+    results, stats = clf.classify(rows, decode="free", batch_size=4)
+    for res in results:  # the untrained model writes what it writes: a label only when it wrote one exactly
         assert isinstance(res["output"], str) and res["probability"] is None
         assert res["valid"] == (res["pred"] is not None)
         assert res["pred"] is None or res["output"].strip().rstrip(".").lower() == res["pred"]
     assert stats["computed_tokens"] > 0
+    # the model made to write a label, the same label in another case with a period, or a near miss: free
+    # decoding returns that label and is valid, exactly when the text is the label
+    after = clf.encoder.prompt_ids(rows[0])[-1]  # every prompt ends with the assistant turn opened
+    assert all(clf.encoder.prompt_ids(r)[-1] == after for r in rows)
+    for written, label in (("law", "law"), ("Law.", "law"), ("laws", None)):
+        answer = clf.encoder.answer_ids(written)
+        assert len(answer) <= clf.encoder.answer_len(rows[0]) + 2, (written, answer)  # within the token budget
+        with ForcedAnswer(clf.model, after, answer):
+            forced, _ = clf.classify(rows, decode="free", batch_size=4)
+        for res in forced:
+            assert res["output"] == written, (written, res)
+            assert res["pred"] == label and res["valid"] == (label is not None), (written, res)
+    # text answers: the choice's text maps back to its letter (B, not the first letter)
+    mc = classifiers["mc text"]
+    answer = mc.encoder.answer_ids("fridge")
+    assert len(answer) <= mc.encoder.answer_len(MC_ROWS[0]) + 2
+    with ForcedAnswer(mc.model, mc.encoder.prompt_ids(MC_ROWS[0])[-1], answer):
+        (res,), _ = mc.classify(MC_ROWS[:1], decode="free")
+    assert res["output"] == "fridge" and res["pred"] == "B" and res["valid"]
 
 
 def test_stats_are_returned_not_kept_and_concurrent_calls_agree(classifiers):
@@ -191,8 +213,8 @@ def test_evaluate_report_schema(classifiers):
 
 
 def test_load_run_baseline_merged_and_remote_code(tiny_run, tmp_path):
+    from qwen_ft.merge import merge_run
     from qwen_ft.runs import RunDir
-    from qwen_ft.study.merge import merge_run
 
     rows = RunDir(tiny_run).split("validation")
     clf = Classifier.load(tiny_run, precision="fp32")
@@ -244,7 +266,7 @@ def test_near_ties_are_decided_alone_so_labels_do_not_depend_on_the_batch(tiny_m
     alone = [clf.classify([r])[0][0] for r in rows]
     clf.tie_margin = 0.0
     raw, _ = clf.classify(rows, batch_size=5)  # the batched scores, nothing rescored
-    from qwen_ft.engine import _margin
+    from qwen_ft.inference.decoding import _margin
 
     close = [i for i, r in enumerate(raw) if _margin(r) < 0.5]
     assert close  # a tiny random model has small margins: some rows must be rescored
@@ -265,7 +287,7 @@ def test_near_ties_are_decided_alone_so_labels_do_not_depend_on_the_batch(tiny_m
 def test_packed_batches_equal_each_row_alone(classifiers, tiny_model):
     """Rows of very different lengths in one batch run packed (one row, no padding, a block-diagonal mask over
     the shared instruction cache): the answers and probabilities of full forwards of each row alone."""
-    from qwen_ft.engine import PACK_ABOVE_PADDING
+    from qwen_ft.inference.decoding import PACK_ABOVE_PADDING
 
     clf = classifiers["unique first tokens"]
     rows = [{"question": q} for q in ["x", "Define entropy " * 12, "Why?", "What is a contract in law, briefly?"]]
@@ -296,7 +318,7 @@ def test_packed_plans_cap_real_tokens_per_pack(classifiers):
 
 
 def test_packed_pass_without_a_prefix_equals_full_forwards(tiny_model):
-    from qwen_ft.scoring import Counts, packed_pass
+    from qwen_ft.inference.kernels import Counts, packed_pass
 
     torch.manual_seed(0)
     seqs = [torch.randint(5, 200, (n,)).tolist() for n in (1, 9, 3, 17)]
@@ -309,7 +331,7 @@ def test_packed_pass_without_a_prefix_equals_full_forwards(tiny_model):
 def test_packing_only_where_the_custom_mask_is_honoured(tiny_model):
     from types import SimpleNamespace
 
-    from qwen_ft.engine import _can_pack
+    from qwen_ft.inference.decoding import _can_pack
 
     cpu = torch.device("cpu")
     # loaded with the default attention: the CPU matmul attention, which honours the mask as sdpa does

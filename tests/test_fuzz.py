@@ -4,6 +4,7 @@ never another exception."""
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -60,11 +61,74 @@ datasets = st.one_of(st.lists(st.dictionaries(st.sampled_from(COLUMNS), values, 
                      mostly_good())
 
 
+KNOWN_GOOD = tempfile.TemporaryDirectory(prefix="qwen-ft-known-good-")
+
+
+def good_file(kind: str, suffix: str, part: str = "all") -> str:
+    """A known-good data file: the bundled demo rows of `kind` ("category": `demo`, "multiple_choice": `demo-mc`)
+    written as `suffix`; part "train" / "val": every other row (both hold every label)."""
+    from qwen_ft.data.sources import demo_path
+
+    path = Path(KNOWN_GOOD.name) / f"{kind}-{part}{suffix}"
+    if path.exists():
+        return str(path)
+    lines = demo_path("demo" if kind == "category" else "demo-mc").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(x) for x in lines if x.strip()]
+    records = records if part == "all" else records[part == "val"::2]
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif suffix == ".json":
+        path.write_text(json.dumps(records))
+    elif suffix == ".csv":  # flat string columns (the category rows) only
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=sorted({k for r in records for k in r}))
+            w.writeheader()
+            w.writerows(records)
+    else:
+        import pandas as pd
+
+        pd.DataFrame(records).to_parquet(path)
+    return str(path)
+
+
+@functools.cache
+def known_good_outcome(kind: str, suffix: str, val_suffix: str | None, task: str, test_fraction: float,
+                       max_samples_per_category: int | None) -> str | None:
+    """What `prepare` does with the fuzzed call's options on known-good files of the same formats: None when
+    it loads them (then its splits are checked), else its error message."""
+    data = DataArgs(data=good_file(kind, suffix, "train" if val_suffix else "all"),
+                    validation_data=good_file(kind, val_suffix, "val") if val_suffix else None, task=task,
+                    test_fraction=test_fraction, max_samples_per_category=max_samples_per_category)
+    try:
+        prepared = prepare(data, seed=0)
+    except UserError as e:
+        return e.message
+    assert prepared.task.name == kind and prepared.splits["train"] and prepared.splits["validation"]
+    return None
+
+
+def check_loader_accepts_good_data(data: DataArgs) -> None:
+    """A UserError on fuzzed rows counts only if the same options load good rows in the same formats; options
+    that no data can satisfy must be refused on good rows too, with the error naming the problem."""
+    kind = "multiple_choice" if data.task == "multiple_choice" else "category"
+    val_suffix = Path(data.validation_data).suffix if data.validation_data else None
+    outcome = known_good_outcome(kind, Path(data.data).suffix, val_suffix, data.task, data.test_fraction,
+                                 data.max_samples_per_category)
+    if data.max_samples_per_category is not None and data.max_samples_per_category < 3:
+        # per-category sampling is a category-data flag, and a stratified split needs 3 rows of each label
+        expected = ("--max-samples-per-category applies to category data" if kind == "multiple_choice"
+                    else "too few rows for a stratified split")
+        assert outcome is not None and expected in outcome, (data, outcome)
+    else:
+        assert outcome is None, (data, outcome)
+
+
 def check(data: DataArgs) -> None:
     try:
         prepared = prepare(data, seed=0)
     except UserError as e:
         assert e.message.strip()
+        check_loader_accepts_good_data(data)
         return
     assert isinstance(prepared, Prepared)
     assert prepared.splits["train"] and prepared.splits["validation"]

@@ -67,8 +67,8 @@ def sandbox(tmp_path, monkeypatch, tiny_run):
     """The current folder is an empty scratch folder (relative paths land there); the model never loads."""
     import sys
 
+    import qwen_ft.merge  # noqa: F401  (imports the loaders by name: patched below too)
     import qwen_ft.models as models
-    import qwen_ft.study.merge  # noqa: F401  (imports the loaders by name: patched below too)
     import qwen_ft.training  # noqa: F401
 
     def stop(*a, **k):

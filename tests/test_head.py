@@ -19,8 +19,8 @@ from transformers import TrainerCallback
 
 from qwen_ft.cli import main
 from qwen_ft.encoding import PromptEncoder, check_head_prompt
-from qwen_ft.engine import Classifier
 from qwen_ft.errors import UserError
+from qwen_ft.inference.engine import Classifier
 from qwen_ft.models import load_model, load_tokenizer
 from qwen_ft.runs import RunDir
 from qwen_ft.tasks import CategoryTask
@@ -187,7 +187,7 @@ def test_engine_and_the_validate_test_predict_serve_commands_on_a_head_run(head_
 
 
 def test_reload_merge_and_resume_give_identical_predictions(head_run, eos_pad_llama, tmp_path):
-    from qwen_ft.study.merge import merge_run
+    from qwen_ft.merge import merge_run
 
     out, _, _ = head_run
     rows = RunDir(out).split("validation")

@@ -14,7 +14,7 @@ from qwen_ft import selective
 from qwen_ft.cli import main
 from qwen_ft.data import dedup
 from qwen_ft.data.splits import group_folds, oversample
-from qwen_ft.engine import Classifier
+from qwen_ft.inference.engine import Classifier
 from qwen_ft.metrics import balanced_accuracy, classification_report, length_band, slice_report
 from qwen_ft.runs import RunDir
 from tests.conftest import copy_run

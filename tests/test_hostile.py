@@ -165,7 +165,7 @@ def test_overwrite_never_deletes_an_input(capsys, tiny_qwen3, finished, tmp_path
 
 
 def test_output_is_never_root_home_or_the_current_folder(capsys, tiny_qwen3, tmp_path, monkeypatch):
-    from qwen_ft.runs import plan_output
+    from qwen_ft.outputs import plan_output
 
     for target, words in (("/", "filesystem root"), (str(Path.home()), "home folder"),
                           (str(tmp_path), "current folder"), (str(tmp_path.parent), "contains the current")):
@@ -177,7 +177,7 @@ def test_output_is_never_root_home_or_the_current_folder(capsys, tiny_qwen3, tmp
 
 
 def test_data_file_inside_the_output_is_refused_before_overwrite(tmp_path):
-    from qwen_ft.runs import plan_output
+    from qwen_ft.outputs import plan_output
 
     run = tmp_path / "run"
     run.mkdir()
@@ -222,7 +222,7 @@ def test_merge_failure_keeps_the_previous_merged_folder(capsys, finished, tmp_pa
     out = tmp_path / "merged"
     assert main(["merge", "--model-path", str(finished), "--output-dir", str(out), "--verify-samples", "1"]) == 0
     before = snapshot(out)
-    import qwen_ft.study.merge as m
+    import qwen_ft.merge as m
 
     monkeypatch.setattr(m, "_max_diff", lambda *a: float("inf"))  # verification fails after the merge
     err = fail(capsys, ["merge", "--model-path", str(finished), "--output-dir", str(out), "--overwrite"])
@@ -232,11 +232,11 @@ def test_merge_failure_keeps_the_previous_merged_folder(capsys, finished, tmp_pa
 
 
 def test_second_writer_gets_the_holders_pid(tmp_path):
-    from qwen_ft.runs import OutputLock
+    from qwen_ft.outputs import OutputLock
 
     target = tmp_path / "out"
     with OutputLock(target):
-        code = ("import sys; from qwen_ft.runs import OutputLock; from qwen_ft.errors import UserError\n"
+        code = ("import sys; from qwen_ft.outputs import OutputLock; from qwen_ft.errors import UserError\n"
                 "try:\n    OutputLock(sys.argv[1]).acquire()\nexcept UserError as e:\n    print(e.message)\n")
         res = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, env=ENV,
                              timeout=120)
@@ -245,7 +245,7 @@ def test_second_writer_gets_the_holders_pid(tmp_path):
 
 
 def test_stale_staging_folder_of_ours_is_cleaned_others_are_refused(tmp_path):
-    from qwen_ft.runs import claim_output, plan_output, staging_path
+    from qwen_ft.outputs import claim_output, plan_output, staging_path
 
     target = tmp_path / "merged"
     staging = staging_path(target)
@@ -561,33 +561,33 @@ def test_internal_errors_say_so_with_a_traceback(capsys, monkeypatch):
 # ============================================================================ runs that fail or compete
 
 def test_overwrite_that_fails_midway_keeps_the_old_run(capsys, tiny_qwen3, finished, monkeypatch):
-    import qwen_ft.training as training
+    from qwen_ft.training import batches
 
     before = snapshot(finished)
-    real_loss, calls = training.answer_loss, [0]
+    real_loss, calls = batches.answer_loss, [0]
 
     def diverging(*a, **k):  # the new run diverges at its third step, after it has written checkpoints
         calls[0] += 1
         loss = real_loss(*a, **k)
         return loss * float("nan") if calls[0] >= 3 else loss
 
-    monkeypatch.setattr(training, "answer_loss", diverging)
+    monkeypatch.setattr(batches, "answer_loss", diverging)
     err = fail(capsys, tiny_train_args(tiny_qwen3, finished, "--overwrite", "--save-steps", "1"))
     assert "training diverged" in err
     assert snapshot(finished) == before  # the old run is untouched; the failed new one waits in staging
     staging = finished.parent / ".run.staging"
     assert (staging / "run.json").is_file() and not (staging / "COMPLETE").exists()
-    monkeypatch.setattr(training, "answer_loss", real_loss)
+    monkeypatch.setattr(batches, "answer_loss", real_loss)
     assert main(tiny_train_args(tiny_qwen3, finished, "--overwrite", "--max-steps", "2")) == 0  # cleans staging
     assert (finished / "COMPLETE").is_file() and snapshot(finished) != before
     assert sorted(p.name for p in finished.parent.iterdir()) == ["run"]
 
 
 def test_interrupted_overwrite_resumes_in_staging(capsys, tiny_qwen3, finished, monkeypatch):
-    import qwen_ft.training as training
+    from qwen_ft.training import batches
 
     before = snapshot(finished)
-    real_loss, calls = training.answer_loss, [0]
+    real_loss, calls = batches.answer_loss, [0]
 
     def interrupted(*a, **k):
         calls[0] += 1
@@ -595,12 +595,12 @@ def test_interrupted_overwrite_resumes_in_staging(capsys, tiny_qwen3, finished, 
             os.kill(os.getpid(), signal.SIGTERM)  # CheckpointTriggers saves a checkpoint, then stops
         return real_loss(*a, **k)
 
-    monkeypatch.setattr(training, "answer_loss", interrupted)
+    monkeypatch.setattr(batches, "answer_loss", interrupted)
     args = tiny_train_args(tiny_qwen3, finished, "--overwrite", "--epochs", "2")
     err = fail(capsys, args)
     assert "interrupted" in err and "--resume" in err
     assert snapshot(finished) == before
-    monkeypatch.setattr(training, "answer_loss", real_loss)
+    monkeypatch.setattr(batches, "answer_loss", real_loss)
     assert main([*args, "--resume"]) == 0
     assert (finished / "COMPLETE").is_file() and snapshot(finished) != before
     assert sorted(p.name for p in finished.parent.iterdir()) == ["run"]
@@ -616,8 +616,8 @@ def test_config_file_inside_the_output_is_not_deleted(capsys, tiny_qwen3, finish
 
 
 HOLD_IN_MODEL_LOAD = """
-import os, sys, time, pathlib
-import qwen_ft.training as t
+import importlib, os, sys, time, pathlib
+t = importlib.import_module("qwen_ft.training.train")  # the module (qwen_ft.training.train is the function)
 real = t.load_model
 def held(*a, **k):  # the output folder is claimed by now; wait here until the test says go
     pathlib.Path(os.environ["HELD"]).write_text(str(os.getpid()))

@@ -10,9 +10,9 @@ from qwen_ft.cli import main
 from qwen_ft.config import DataArgs
 from qwen_ft.data.prepare import prepare
 from qwen_ft.encoding import IGNORE, PromptEncoder
-from qwen_ft.engine import Classifier
 from qwen_ft.errors import UserError
-from qwen_ft.scoring import Counts, match_answer, option_logprobs
+from qwen_ft.inference.engine import Classifier
+from qwen_ft.inference.kernels import Counts, match_answer, option_logprobs
 from qwen_ft.tasks import MultipleChoiceTask, Task
 from tests.conftest import full_logprobs
 
@@ -97,8 +97,36 @@ def test_answer_format_text_on_category_data_is_a_clear_error():
 
 
 def test_train_and_validate_with_text_answers(tiny_qwen3, tmp_path):
+    import json
+    import math
+
+    from qwen_ft.runs import RunDir
+
     out = tmp_path / "run"
     assert main(["train", "--model", str(tiny_qwen3), "--data", "demo-mc", "--max-samples", "24",
                  "--answer-format", "text", "--epochs", "1", "--batch-size", "8", "--precision", "fp32",
                  "--output-dir", str(out)]) == 0
+    run = RunDir(out)
+    assert run.complete and run.config().data.answer_format == "text"
+    task = Task.from_mapping(run.label_mapping())
+    assert task.name == "multiple_choice" and task.per_row_answers
+    epochs = [m for m in run.metrics() if m.get("type") == "epoch"]
+    assert epochs and all(math.isfinite(m["train_loss"]) and m["train_loss"] > 0 for m in epochs)
+    val = run.split("validation")
+    assert val and all(r["label"] in task.row_labels(r) for r in val)
+
     assert main(["validate", "--model-path", str(out)]) == 0
+    report = json.loads((out / "eval" / "eval.json").read_text())
+    preds = [json.loads(x) for x in (out / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert report["n"] == len(preds) == len(val) and report["decode"] == "constrained"
+    assert report["valid_pct"] == 100.0 and [p["label"] for p in preds] == [r["label"] for r in val]
+    for row, p in zip(val, preds):  # each row's own letters; "correct" is the comparison with its label
+        assert p["valid"] and p["pred"] in task.row_labels(row) and p["correct"] == (p["pred"] == row["label"])
+    assert report["accuracy"] == pytest.approx(sum(p["correct"] for p in preds) / len(preds))
+    # the run loads as a text-answer classifier: it scores each choice's text, and gives validate's letters
+    clf = Classifier.load(out)
+    assert clf.task.per_row_answers
+    labels, seqs = clf.encoder.answer_options(val[0])
+    texts = [val[0]["choices"][ord(lab) - ord("A")] for lab in labels]
+    assert seqs == [clf.encoder.tok(t, add_special_tokens=False)["input_ids"] + [clf.encoder.eot_id] for t in texts]
+    assert [r["pred"] for r in clf.classify(val, batch_size=16)[0]] == [p["pred"] for p in preds]

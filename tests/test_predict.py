@@ -242,7 +242,7 @@ def test_200k_rows_flat_memory_and_resume(tiny_run, tmp_path):
 
 
 def test_resume_refuses_a_replaced_input_or_a_changed_model(tiny_run, tmp_path, capsys, monkeypatch):
-    from qwen_ft.commands import predict_file
+    from qwen_ft.inference import labeling
 
     run = copy_run(tiny_run, tmp_path / "run")
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
@@ -254,7 +254,7 @@ def test_resume_refuses_a_replaced_input_or_a_changed_model(tiny_run, tmp_path, 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(predict_file, "convert", interrupted)
+    monkeypatch.setattr(labeling, "convert", interrupted)
     assert main(base) != 0 and (tmp_path / "out.jsonl.partial").is_file()
     monkeypatch.undo()
     src.write_bytes(original.replace(b"0", b"9"))  # same name, same size, other rows

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwen_ft.study import stats
-from qwen_ft.study.report import PLOTS, load_study, write_cross_workload, write_report
+from qwen_ft.study.plots import PLOTS
+from qwen_ft.study.report import write_cross_workload, write_report
 
 N_Q = 50
 SEEDS = (0, 1)
@@ -258,15 +258,38 @@ def test_no_demo_warning_and_closed_bounds(tmp_path):
 
 
 def test_verdict_matches_stats(study):
+    """pairwise.csv against figures worked out by hand from RIGHT (50 questions, 2 seeds each).
+
+    Per question, the seed-averaged difference d_q (adamw - adabound) is 0 for q < 20, 0.5 for 20..24,
+    1 for 25..27, 0.5 for 28, 29 and 0 from 30 on: mean 6.5 / 50 = 0.13, sum of squares 7 x 0.25 + 3 = 4.75,
+    sample variance (4.75 - 50 x 0.13^2) / 49 = 0.079694, standard error sqrt(0.079694 / 50) = 0.039923.
+    Paired t = 0.13 / 0.039923 = 3.2562 on 49 degrees of freedom: two-sided p = 0.0020518. TOST within
+    +-0.02: t = 0.15 / se = 3.757 (p 0.00023) and t = 0.11 / se = 2.755 (p 0.99590, the larger). One pair:
+    Holm leaves both. McNemar on seed 0: adamw alone right on q 25..29 (5), adabound alone on none:
+    p = 2 x 0.5^5 = 0.0625. Verdict: adjusted p 0.0021 < 0.05, adamw better; TOST p 0.996 adds no margin
+    clause. The bootstrap CI is not worked out by hand (an independent resampling gives about 3..26): it must
+    hold 13 points, exclude 0, and be wider than the question-only normal interval (2 x 1.96 x 3.95 = 15.5
+    points), since the seeds are resampled too.
+    """
+    import re
+
     root, _ = study
-    data = load_study(root)
-    a = np.stack([f.correct for f in data.finals["adamw"]])
-    b = np.stack([f.correct for f in data.finals["adabound"]])
-    res = stats.paired_difference(a, b, 10_000, 0, 0.02)
-    [p_adj], [t_adj] = stats.holm([res["p"]]), stats.holm([res["tost_p"]])
-    assert _csv(root / "results" / "pairwise.csv")[0]["verdict"] == stats.verdict(
-        "adamw", "adabound", res, p_adj, 0.02, adjusted_tost_p=t_adj
-    )
+    (pair,) = _csv(root / "results" / "pairwise.csv")
+    assert (pair["a"], pair["b"], int(pair["n_questions"])) == ("adamw", "adabound", 50)
+    assert float(pair["diff_points"]) == pytest.approx(13.0)
+    # the CSV holds 6 decimals
+    assert float(pair["p"]) == pytest.approx(0.0020518, abs=1e-6)
+    assert float(pair["p_holm"]) == pytest.approx(0.0020518, abs=1e-6)
+    assert float(pair["tost_p"]) == pytest.approx(0.9958951, abs=1e-6)
+    assert float(pair["tost_p_holm"]) == pytest.approx(0.9958951, abs=1e-6)
+    assert float(pair["mcnemar_p"]) == pytest.approx(0.0625)
+    assert (int(pair["a_right_b_wrong"]), int(pair["b_right_a_wrong"])) == (5, 0)
+    lo, hi = float(pair["ci_low_points"]), float(pair["ci_high_points"])
+    assert 0 < lo < 13 < hi < 30 and 15.5 < hi - lo < 35
+    match = re.fullmatch(r"adamw vs adabound: \+13\.0 points, 95 % CI (-?\d+\.\d)\.\.(-?\d+\.\d), "
+                         r"adjusted p = 0\.0021: adamw better", pair["verdict"])
+    assert match, pair["verdict"]
+    assert abs(float(match[1]) - lo) <= 0.05 + 1e-6 and abs(float(match[2]) - hi) <= 0.05 + 1e-6
 
 
 def test_finals_on_other_questions_are_an_error(tmp_path):

@@ -25,7 +25,7 @@ from tests.conftest import REPO, tiny_train_args
 # forward call `at` (training steps and validation batches both count).
 KILLER = """
 import os, sys
-import qwen_ft.training as t
+import qwen_ft.training.batches as t
 sig, at = int(os.environ["KILL_SIGNAL"]), int(os.environ["KILL_AT"])
 calls, orig = [0], t.answer_loss
 def loss(*a, **k):

@@ -234,7 +234,8 @@ def test_later_data_fields_off_keep_the_config_hash():
 
 def test_study_applies_split_by_and_augment_once_in_its_data_phase(tiny_qwen3, tmp_path):
     from qwen_ft.study.config import load_study_config
-    from qwen_ft.study.phases import Study, run_config, run_study
+    from qwen_ft.study.phases import Study, run_study
+    from qwen_ft.study.trials import run_config
 
     data = demo_grouped_file(tmp_path / "grouped.jsonl")
     path = tmp_path / "study.yaml"

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats as sps
 
 from qwen_ft.study import stats
-from qwen_ft.study.report import read_metrics
+from qwen_ft.study.load import read_metrics
 
 # ----------------------------------------------------------------------------- Holm
 

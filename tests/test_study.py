@@ -52,8 +52,8 @@ def study_dir(tiny_qwen3, tmp_path_factory) -> Path:
 def test_merged_logits_equal_base_plus_adapter(tiny_run, tmp_path):
     from peft import PeftModel
 
+    from qwen_ft.merge import merge_run
     from qwen_ft.models import load_model, load_tokenizer
-    from qwen_ft.study.merge import merge_run
 
     report = merge_run(tiny_run, tmp_path / "merged", dtype="fp32")
     assert report["merged_vs_adapter_max_abs_diff"] < 1e-5
@@ -77,7 +77,7 @@ def test_merged_logits_equal_base_plus_adapter(tiny_run, tmp_path):
 def test_merge_refuses_a_wrong_merge(tiny_run, tmp_path, monkeypatch):
     from peft.tuners.tuners_utils import BaseTuner
 
-    from qwen_ft.study.merge import MergeMismatch, merge_run
+    from qwen_ft.merge import MergeMismatch, merge_run
 
     monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, *a, **k: self.unload())  # drops the adapter
     with pytest.raises(MergeMismatch, match="differ"):
@@ -205,7 +205,7 @@ def test_phase_needs_its_upstream(tiny_qwen3, tmp_path):
 
 KILL_TRIAL = """
 import os, sys
-import qwen_ft.training as t
+import qwen_ft.training.batches as t
 orig = t.answer_loss
 def loss(*a, **k):  # the first training step after the first trial finished: inside the second trial
     if os.path.exists(os.environ["KILL_AFTER"]):
@@ -225,7 +225,7 @@ def test_killed_study_resumes_the_trial(tiny_qwen3, tmp_path, monkeypatch):
 
     import optuna
 
-    from qwen_ft.study import phases
+    from qwen_ft.study import protocol
 
     out = tmp_path / "k"
     path = _config(tiny_qwen3, out)
@@ -236,7 +236,7 @@ def test_killed_study_resumes_the_trial(tiny_qwen3, tmp_path, monkeypatch):
                            "--optimizers", "adamw"], env=env, capture_output=True, text=True)
     assert proc.returncode == -9
     assert len(_trials(out, "adamw")) == 1
-    monkeypatch.setattr(phases, "HEARTBEAT_S", 1)  # this worker calls a trial stale after 3 s without heartbeat
+    monkeypatch.setattr(protocol, "HEARTBEAT_S", 1)  # this worker calls a trial stale after 3 s without heartbeat
     storage = f"sqlite:///{out / 'optuna.db'}"
     study = run_study(load_study_config([path]), phases=["train"], only=["adamw"])
     assert [t["k"] for t in _trials(out, "adamw")] == [0, 1]
@@ -328,8 +328,8 @@ def test_data_phase_never_overwrites_foreign_files(tiny_qwen3, tmp_path):
 
 def test_a_diverging_trial_is_recorded_as_failed_with_the_worst_score_and_never_requeued(tiny_qwen3, tmp_path,
                                                                                          monkeypatch):
-    import qwen_ft.study.phases as phases
-    from qwen_ft.study import report
+    import qwen_ft.study.trials as trials_module
+    from qwen_ft.study import protocol
 
     cfg = _config(tiny_qwen3, tmp_path / "s", "").read_text().replace(
         "sgd: {search: {learning_rate: [0.01, 0.5]}", "sgd: {search: {learning_rate: [1.0e+6, 1.0e+7]}")
@@ -346,8 +346,8 @@ def test_a_diverging_trial_is_recorded_as_failed_with_the_worst_score_and_never_
         assert t["state"] in ("complete", "diverged") and (t["state"] == "complete" or t["score"] == 0.0)
     text = (tmp_path / "s" / "results" / "report.md").read_text()
     assert "diverged" in text.lower()
-    assert study is not None and report.best_trial(trials) in [t for t in trials if t["state"] == "complete"] + [None]
+    assert study is not None and protocol.best_trial(trials) in [t for t in trials if t["state"] == "complete"] + [None]
     trained = []
-    monkeypatch.setattr(phases, "train_and_score", lambda *a, **k: trained.append(a) or pytest.fail("re-trained"))
+    monkeypatch.setattr(trials_module, "train_and_score", lambda *a, **k: trained.append(a) or pytest.fail("re-trained"))
     run_study(load_study_config([path]), phases=["train"], only=["sgd"])
     assert not trained  # the diverged runs were read back, not queued and trained again

@@ -13,7 +13,7 @@ import torch
 from qwen_ft import cli, malloc
 from qwen_ft.config import LoraArgs
 from qwen_ft.models import apply_lora, frozen_in_compute_dtype
-from qwen_ft.training import LeftPadCollator, answer_loss
+from qwen_ft.training.batches import LeftPadCollator, answer_loss
 
 
 def tiny_lora_model(seed: int = 0):
@@ -190,7 +190,7 @@ def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(monkeypatch, 
     and the Trainer's token count (labels after the first column) is the same. As in training, without a KV
     cache (transformers then derives a block mask from the restarting positions; the segments must be used)."""
     from qwen_ft import attention
-    from qwen_ft.training import PackedCollator
+    from qwen_ft.training.batches import PackedCollator
 
     if max_scores:
         monkeypatch.setattr(attention, "MAX_SCORES", max_scores)
@@ -244,7 +244,7 @@ def test_segments_where_attention_cannot_honour_them_raise():
 
 def test_only_batches_that_would_pad_much_are_packed():
     from qwen_ft import attention
-    from qwen_ft.training import PACK_ABOVE_PADDING, PackedCollator
+    from qwen_ft.training.batches import PACK_ABOVE_PADDING, PackedCollator
 
     collate = PackedCollator(0)
     even = collate(features((20, 19, 18)))  # 60 computed for 57 real: padded

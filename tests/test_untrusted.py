@@ -12,7 +12,8 @@ import pytest
 
 from qwen_ft.cli import main
 from qwen_ft.encoding import PromptEncoder
-from qwen_ft.runs import RunDir, write_json
+from qwen_ft.outputs import write_json
+from qwen_ft.runs import RunDir
 from qwen_ft.tasks import TASKS
 from tests.conftest import copy_run
 
@@ -94,7 +95,7 @@ def test_a_huge_text_is_cut_before_it_is_tokenized(qwen_tok, monkeypatch):
 
 
 def test_predict_counts_rows_cut_per_call(tiny_run):
-    from qwen_ft.engine import Classifier
+    from qwen_ft.inference.engine import Classifier
 
     clf = Classifier.load(tiny_run, precision="fp32")
     rows = [{"question": "word " * 2000}, {"question": "short"}]

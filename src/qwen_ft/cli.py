@@ -16,13 +16,15 @@ import re
 import sys
 import typing
 
-from qwen_ft import __version__, malloc
+from qwen_ft import __version__, malloc, process
 from qwen_ft import distributed as dist
 from qwen_ft.config import TrainConfig, coerce_layer, env_overrides, flag_for, flatten, load_yaml
 from qwen_ft.errors import UserError, from_os_error
 
 COMMANDS = {"train": "train", "validate": "validate", "test": "predict", "merge": "merge", "study": "study",
-            "predict": "predict_file", "serve": "serve", "study-compare": "study_compare"}
+            "predict": "predict_file", "serve": "serve", "mcp": "mcp", "study-compare": "study_compare"}
+# the commands that run a model in this process: they fix the thread count and the allocator (process.setup)
+COMPUTES = {"train", "validate", "test", "predict", "serve", "mcp", "study"}
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
@@ -114,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run() -> int:
     """The `qwen-ft` command and `python -m qwen_ft`: the process's own entry, which may restart the process once
-    with glibc's tunables (malloc.relaunch_with_huge_pages) before it reads anything. Python callers use main()."""
+    with glibc's tunables (malloc.relaunch_with_huge_pages) before it reads anything. Python callers use main(),
+    which runs the command as the process's own (its threads and allocator: process.setup) but never restarts it."""
     malloc.relaunch_with_huge_pages()
     return main()
 
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     name = f"qwen-ft {args.command}{dist.rank_tag()}"
     try:
+        process.setup(compute=args.command in COMPUTES)  # the command's, once: no library call sets these
         args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

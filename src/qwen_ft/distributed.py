@@ -47,7 +47,6 @@ def setup_logging(debug: bool = False) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def use_cuda() -> bool:
@@ -60,8 +59,11 @@ def select_gpu(gpu_id: int | None) -> None:
     """--gpu-id K for single-process runs; under torchrun LOCAL_RANK decides.
 
     A single process sees exactly one GPU afterwards (CUDA_VISIBLE_DEVICES), because the Trainer
-    would otherwise use cuda:0, or wrap the model in DataParallel over every visible GPU. Call it
-    before anything touches CUDA (the commands call it first).
+    would otherwise use cuda:0, or wrap the model in DataParallel over every visible GPU; it is the one
+    setting the Trainer honours. It stays set: CUDA reads it once, when it starts, and the processes a run
+    starts (inductor's compile workers) must see the same GPU.
+    Only on a GPU machine and only when asked (--gpu-id) or when several GPUs are visible: a CPU process
+    is left as it was. Call it before anything touches CUDA (the commands call it first).
     """
     if world_size() > 1:
         if gpu_id is not None:

@@ -1,10 +1,11 @@
-"""glibc's allocator: keep freed pages (in the process, on CPU machines), and ask for huge pages (when a command
-starts, on any Linux machine with glibc).
+"""glibc's allocator: keep freed pages in the process (`tune_allocator`), and ask for huge pages when a command
+starts (`relaunch_with_huge_pages`). Only the command-line entries call these (`qwen_ft.process`, `cli.run`):
+both change the whole process for as long as it lives, which a library call must not do to its caller.
 
-Both exist because of what a first touch of memory costs: on the VMs this project runs on, a 4 KB page faulted
-in for the first time cost ~16-30 us (the host backs the guest's memory lazily), so a training step whose
-activations reach a new high-water mark paid seconds for it (a first 2,379-token packed step: 755k faults,
-15.9 s against ~3.3 s for the same step warm). QWEN_FT_MALLOC=system turns both off.
+Both exist because of what a first touch of memory costs on the virtual machines this project runs on: the host
+backs the guest's memory lazily, so each page faulted in for the first time is slow, and a training step whose
+activations reach a new high-water mark pays for every page of it. The figures are in docs/performance.md
+("glibc allocator thresholds", "Huge pages for glibc's heap"). QWEN_FT_MALLOC=system turns both off.
 """
 
 from __future__ import annotations
@@ -33,23 +34,16 @@ def _glibc_linux(environ, at_least: tuple[int, int] = (0, 0)) -> bool:
 
 
 def tune_allocator() -> bool:
-    """CPU, glibc: keep freed memory in the process instead of handing it back to the system at once.
+    """glibc: keep freed memory in the process instead of handing it back to the system at once.
 
-    A forward pass allocates and frees tensors of several MB per layer; glibc serves each one above its mmap
-    threshold with a fresh mapping, or trims the heap top after a free, so the next pass faults every page in
-    again, zero-filled (a third of the step was system time; an elementwise op on a fresh 5 MB tensor ran at
-    1-2 GB/s). A fixed mmap threshold (32 MB, the largest glibc takes) and no trimming keep the pages:
-    constrained validation of 112 MMLU-Pro questions 12.0 -> 14.1 samples/s (sdpa) and 14.5 -> 17.2 (the matmul
-    attention), system time halved, in alternating processes on an AVX512-BF16 EPYC; tcmalloc preloaded
-    (`LD_PRELOAD=libtcmalloc_minimal.so.4`) did about as well. Trimming was first allowed above 1 GB of free
-    heap, which a long packed training step's activations (2-3 GB) exceed: each long step after short ones then
-    faulted its memory in again (the same 3 warm steps, `benchmarks/where_time_goes.py`: 140,594 minor faults,
-    3.6 s system time, 5.9 s in all; never trimming: 55,786, 1.4 s, 4.6 s). Peak memory is unchanged (the same
-    tensors are live at the peak); the process keeps its high-water mark until it exits. Returns whether it
-    applied."""
-    import torch
-
-    if torch.cuda.is_available() or not _glibc_linux(os.environ):
+    A forward pass allocates and frees tensors of several MB per layer; with glibc's defaults each one above the
+    (adaptive) mmap threshold gets a fresh mapping, and the heap top is trimmed after frees, so the next pass
+    faults every page in again, zero-filled. A fixed mmap threshold (32 MB, the largest glibc takes) and no
+    trimming at all keep the pages: a long packed training step after short ones reuses them too, which a trim
+    threshold, however high, would not. Peak memory is unchanged (the same tensors are live at the peak), but the
+    process keeps its high-water mark until it exits - hence a setting of the command, never of a library call.
+    mallopt cannot be undone. `qwen_ft.process.setup` calls it on CPU machines. Returns whether it applied."""
+    if not _glibc_linux(os.environ):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -65,10 +59,7 @@ def environ_with_huge_pages(environ: dict[str, str]) -> dict[str, str] | None:
     kernel, under 'never' there are none), QWEN_FT_MALLOC=system, the tunable already set, or this process the
     restarted one.
 
-    With it, the memory of a new high-water mark faults in 2 MB at a time instead of 4 KB: a whole training run
-    (`vs_reference.py`'s MMLU-Pro setting, 63 steps) spent 100.0-107.2 s in training steps (4 runs) against
-    108.3-114.9 (5 runs) without it, the first step 10.6-15.2 s against 14.8-18.0 (2-core AMD EPYC VM, alternating
-    processes; a huge page can stall on the kernel's compaction, so single steps vary more). It changes where
+    With it, the memory of a new high-water mark faults in 2 MB at a time instead of 4 KB. It changes where
     memory comes from, not what is computed. glibc reads its tunables only when a process starts, hence an
     environment variable and `relaunch_with_huge_pages`, not a call like mallopt. It applies on GPU machines
     too (whether there is one is not known before torch is imported); there it only concerns host memory."""

@@ -93,7 +93,7 @@ def write_confusion(golds: list[str], preds: list[str | None], labels: list[str]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from qwen_ft.runs import atomic_write_text, save_figure
+    from qwen_ft.outputs import atomic_write_text, save_figure
 
     cols, matrix = confusion(golds, preds, labels)
     text = io.StringIO()

@@ -15,7 +15,7 @@ import torch
 
 from qwen_ft.config import LoraArgs
 from qwen_ft.errors import UserError
-from qwen_ft.runs import check_adapter_files, safetensors_header
+from qwen_ft.run_checks import check_adapter_files, safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -356,6 +356,10 @@ def compiled_blocks(model, enabled: bool = True):
     Constrained validation gained nothing measurable from it (10.1 vs 9.8 samples/s), so inference
     stays eager."""
     parts = []
+    # torch (2.13) has no config setting for inductor's cache folder: it reads TORCHINDUCTOR_CACHE_DIR
+    # (torch._inductor.runtime.cache_dir_utils.cache_dir) and passes it on to its compile workers. So the
+    # variable is set only while the compiled blocks run and restored on exit, as torch's own
+    # temporary_cache_dir does: the caller's environment is left as it was.
     before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if enabled:
         from qwen_ft import USER_INDUCTOR_CACHE

@@ -125,7 +125,7 @@ def check_threshold(data, path) -> dict:
         problems.append(f"{path}: decode must be constrained, exact or head (got {data.get('decode')!r})")
     if data.get("normalize") not in ("none", "token", "char"):
         problems.append(f"{path}: normalize must be none, token or char (got {data.get('normalize')!r})")
-    from qwen_ft.calibration import T_BOUNDS
+    from qwen_ft.inference.calibration import T_BOUNDS
 
     temp = data.get("temperature")
     if temp is not None and (isinstance(temp, bool) or not isinstance(temp, (int, float)) or not math.isfinite(temp)

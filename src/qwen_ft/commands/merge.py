@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from qwen_ft.study.merge import merge_run
+from qwen_ft.merge import merge_run
 
 log = logging.getLogger(__name__)
 

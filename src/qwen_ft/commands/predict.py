@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 from qwen_ft.commands.predict_file import add_abstention_flags
-from qwen_ft.engine import Classifier
 from qwen_ft.errors import UserError
+from qwen_ft.inference.engine import Classifier
 
 
 def run_predict(model_path: str, texts: list[str], top: int = 3, base_model: str | None = None,

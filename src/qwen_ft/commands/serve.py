@@ -1,4 +1,5 @@
-"""`qwen-ft serve`: a trained classifier behind HTTP (uvicorn + qwen_ft.serve), 127.0.0.1:8000 by default."""
+"""`qwen-ft serve`: a trained classifier behind HTTP (uvicorn + qwen_ft.inference.serve), 127.0.0.1:8000 by
+default."""
 
 from __future__ import annotations
 
@@ -33,21 +34,11 @@ def run_serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, max_ba
               cors_origins: list[str] | None = None) -> None:
     import uvicorn
 
-    from qwen_ft.engine import Classifier
-    from qwen_ft.serve import LOOPBACK_NAMES, Limits, create_app
+    from qwen_ft.inference.engine import Classifier
+    from qwen_ft.inference.serve import Limits, create_app
 
-    for name, value in (("--max-batch-size", max_batch_size), ("--max-queue", max_queue),
-                        ("--max-texts-per-request", max_texts), ("--max-chars", max_chars)):
-        if value < 1:
-            raise UserError(f"{name} must be >= 1 (got {value})")
-    if max_wait_ms < 0 or not 0 < port < 65536:
-        raise UserError(f"--max-wait-ms must be >= 0 and --port in 1..65535 (got {max_wait_ms}, {port})")
-    if normalize not in ("none", "auto") and decode not in ("exact", "auto"):
-        raise UserError(f"--normalize {normalize} applies to --decode exact", "Add --decode exact.")
-    if min_confidence is not None and not 0 <= min_confidence <= 1:
-        raise UserError(f"--min-confidence must be a probability in [0, 1] (got {min_confidence})")
-    if not Path(model_path).is_dir():
-        raise UserError(f"model folder not found: {model_path}", "Pass a run folder or a merged model folder.")
+    _check_flags(model_path, port, max_batch_size, max_wait_ms, max_queue, max_texts, max_chars, decode, normalize,
+                 min_confidence)
     api_key = api_key or os.environ.get("QWEN_FT_API_KEY") or None
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", host)
@@ -67,13 +58,9 @@ def run_serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, max_ba
         return Classifier.load(model_path, base_model=base_model, precision=precision,
                                trust_remote_code=trust_remote_code, adapter_scale=adapter_scale)
 
-    # loopback: only loopback Host names (a page that rebinds its name to 127.0.0.1 gets 421), plus those named;
-    # listening wider: the names given, else any (the machine's names are not known here)
-    hosts = tuple(LOOPBACK_NAMES) + tuple(allowed_hosts or ()) if host in LOOPBACK_NAMES else \
-        (tuple(allowed_hosts) if allowed_hosts else None)
     app = create_app(load, limits=limits, api_key=api_key, on_load_error=on_load_error,
-                     model_name=model_name or Path(model_path).resolve().name, allowed_hosts=hosts,
-                     cors_origins=tuple(cors_origins or ()))
+                     model_name=model_name or Path(model_path).resolve().name,
+                     allowed_hosts=served_hosts(host, allowed_hosts), cors_origins=tuple(cors_origins or ()))
     # SIGTERM / Ctrl-C: uvicorn stops accepting, waits for in-flight requests (up to 30 s), then the app's
     # shutdown finishes the queue
     config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False,
@@ -81,15 +68,46 @@ def run_serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, max_ba
     server = uvicorn.Server(config)
     log.info("serving %s on http://%s:%d (loading the model; /health is 503 until it is ready)", model_path,
              host, port)
-    # uvicorn restores the handler it found and raises SIGTERM again once it has drained: with this one in
-    # place the command returns (exit 0: a requested, clean stop) instead of dying by the signal
+    _run_until_stopped(server)
+    if failure:
+        raise UserError(f"the model could not be loaded: {failure['error']}")
+
+
+def _check_flags(model_path: str, port: int, max_batch_size: int, max_wait_ms: float, max_queue: int,
+                 max_texts: int, max_chars: int, decode: str, normalize: str, min_confidence: float | None) -> None:
+    for name, value in (("--max-batch-size", max_batch_size), ("--max-queue", max_queue),
+                        ("--max-texts-per-request", max_texts), ("--max-chars", max_chars)):
+        if value < 1:
+            raise UserError(f"{name} must be >= 1 (got {value})")
+    if max_wait_ms < 0 or not 0 < port < 65536:
+        raise UserError(f"--max-wait-ms must be >= 0 and --port in 1..65535 (got {max_wait_ms}, {port})")
+    if normalize not in ("none", "auto") and decode not in ("exact", "auto"):
+        raise UserError(f"--normalize {normalize} applies to --decode exact", "Add --decode exact.")
+    if min_confidence is not None and not 0 <= min_confidence <= 1:
+        raise UserError(f"--min-confidence must be a probability in [0, 1] (got {min_confidence})")
+    if not Path(model_path).is_dir():
+        raise UserError(f"model folder not found: {model_path}", "Pass a run folder or a merged model folder.")
+
+
+def served_hosts(host: str, allowed_hosts: list[str] | None) -> tuple[str, ...] | None:
+    """The Host names answered. Loopback: only loopback names (a page that rebinds its name to 127.0.0.1 gets
+    421), plus those named; listening wider: the names given, else any (None: the machine's names are not
+    known here)."""
+    from qwen_ft.inference.serve_guard import LOOPBACK_NAMES
+
+    if host in LOOPBACK_NAMES:
+        return tuple(LOOPBACK_NAMES) + tuple(allowed_hosts or ())
+    return tuple(allowed_hosts) if allowed_hosts else None
+
+
+def _run_until_stopped(server) -> None:
+    """uvicorn restores the handler it found and raises SIGTERM again once it has drained: with this one in
+    place the command returns (exit 0: a requested, clean stop) instead of dying by the signal."""
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         server.run()
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if failure:
-        raise UserError(f"the model could not be loaded: {failure['error']}")
 
 
 def add_parser(sub, name: str) -> None:

@@ -48,6 +48,7 @@ def phase_script(phases: list[str], argv: list[str], doc: str | None, positional
     from pathlib import Path
 
     from qwen_ft import distributed as dist
+    from qwen_ft import process
     from qwen_ft.errors import UserError
 
     p = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None, allow_abbrev=False)
@@ -63,13 +64,16 @@ def phase_script(phases: list[str], argv: list[str], doc: str | None, positional
     p.add_argument("--output-dir", default=None)
     a = p.parse_args(argv)
     dist.setup_logging(False)
+    process.setup()  # as the qwen-ft command does (its threads and allocator)
     configs = a.config or os.environ.get("CONFIG", "").split() or [
         str(Path(sys.argv[0]).resolve().parents[1] / "configs" / "demo.yaml")]
     try:
         cfg = load_study_config(configs, {"seed": a.seed, "output_dir": a.output_dir})
         only = [a.optimizer] if positional_optimizer else a.optimizers
         if positional_optimizer and a.run_dir is not None:
-            expected = cfg.out / "finals" / a.optimizer
+            from qwen_ft.study.load import StudyFolder
+
+            expected = StudyFolder(cfg.out).finals_dir(a.optimizer)
             if Path(a.run_dir).resolve() not in (expected.resolve(), (cfg.out / "experiments" / a.optimizer).resolve()):
                 raise UserError(f"the study's folder for {a.optimizer} is {expected}, not {a.run_dir}",
                                 f"Pass {expected} (or nothing), or set output_dir in the config.")

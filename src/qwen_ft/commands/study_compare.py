@@ -11,9 +11,10 @@ from qwen_ft.errors import UserError
 
 
 def run(studies: list[str], output_dir: str) -> dict:
+    from qwen_ft.study.load import StudyFolder
     from qwen_ft.study.report import write_cross_workload
 
-    missing = [s for s in studies if not (Path(s) / "study.json").is_file()]
+    missing = [s for s in studies if not StudyFolder(Path(s)).has_spec()]
     if missing:
         raise UserError(f"not a finished study folder (no study.json): {', '.join(missing)}",
                         "Pass output_dir folders of studies whose analysis phase has run.")

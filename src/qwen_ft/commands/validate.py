@@ -6,12 +6,13 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from qwen_ft import calibration
 from qwen_ft import distributed as dist
-from qwen_ft.engine import Classifier, stderr_is_terminal
 from qwen_ft.errors import Problems, UserError
+from qwen_ft.inference import calibration
+from qwen_ft.inference.engine import Classifier, stderr_is_terminal
 from qwen_ft.metrics import write_confusion
-from qwen_ft.runs import RunDir, output_folder, write_json, write_jsonl
+from qwen_ft.outputs import output_folder
+from qwen_ft.runs import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -87,25 +88,20 @@ def fit_abstention(model_path: str, report: dict, predictions: list[dict], targe
     return record
 
 
-def run_validate(model_path: str, split: str = "validation", num_samples: int | None = None,
-                 decode: str = "auto", batch_size: int = 16, output_dir: str | None = None,
-                 base_model: str | None = None, precision: str = "auto", gpu_id: int | None = None,
-                 baseline: bool = False, data: str | None = None, text_column: str | None = None,
-                 label_column: str | None = None, hub_split: str | None = None, skip_unknown_labels: bool = False,
-                 normalize: str = "auto", trust_remote_code: bool = False, perturb: str | None = None,
-                 perturb_seed: int | None = None, calibrate: bool = False, slice_by: list[str] | None = None,
-                 fit_threshold: bool = False, target_accuracy: float | None = None,
-                 adapter_scale: float = 1.0) -> dict:
-    from qwen_ft.data.perturb import parse_perturbation, perturb_rows
+def check_flags(model_path: str, *, batch_size: int, num_samples: int | None, decode: str, normalize: str,
+                data: str | None, data_columns: tuple, calibrate: bool, baseline: bool, perturb: str | None,
+                perturb_seed: int | None, fit_threshold: bool, target_accuracy: float | None):
+    """Every problem with the flags and the folder at once; returns (the parsed --perturb or None, the run, or
+    None for a merged model folder)."""
+    from qwen_ft.data.perturb import parse_perturbation
+    from qwen_ft.inference.load import is_merged_folder
 
-    dist.select_gpu(gpu_id)
-    p = Problems()  # every problem with the flags and the folder at once
+    p = Problems()
     p.check(batch_size > 0, f"--batch-size must be > 0 (got {batch_size})")
     p.check(num_samples is None or num_samples > 0, f"--num-val-samples must be > 0 (got {num_samples})")
     p.check(normalize in ("none", "auto") or decode in ("exact", "auto"),
             f"--normalize {normalize} applies to --decode exact")
-    p.check(data is not None or not (text_column or label_column or hub_split),
-            "--text-column/--label-column/--hub-split apply to --data")
+    p.check(data is not None or not any(data_columns), "--text-column/--label-column/--hub-split apply to --data")
     p.check(not calibrate or decode != "free", "--calibrate needs probabilities, and --decode free gives none")
     p.check(not calibrate or not baseline, "--calibrate fits the run's own model, not the --baseline")
     p.check(not calibrate or perturb is None, "--calibrate fits on the rows as they are, not on --perturb noise")
@@ -118,21 +114,18 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
     p.check(not fit_threshold or not baseline, "--fit-threshold fits the run's own model, not the --baseline")
     if fit_threshold:
         p.attempt(RunDir(model_path).check_threshold_writable)
-    slice_by = list(dict.fromkeys(slice_by or []))
     perturbation = p.attempt(parse_perturbation, perturb) if perturb is not None else None
     p.check(perturb is not None or perturb_seed is None, "--perturb-seed applies to --perturb")
-    is_merged = (Path(model_path) / "merge.json").is_file()
-    run = None if is_merged else p.attempt(RunDir(model_path).require_complete)
+    run = None if is_merged_folder(model_path) else p.attempt(RunDir(model_path).require_complete)
     p.raise_if_any()
-    # by default each kind of evaluation has its own folder: a noisy or baseline eval never replaces the clean one
-    kind = "eval" + ("-baseline" if baseline else "") + (f"-{perturbation.kind}-{perturbation.rate:g}" if perturbation else "")
-    out_dir = output_folder(Path(output_dir) if output_dir else Path(model_path) / kind, output_dir is not None)
+    return perturbation, run
 
-    dist.init()
-    clf = Classifier.load(model_path, base_model=base_model, precision=precision, adapter=not baseline,
-                          trust_remote_code=trust_remote_code, adapter_scale=adapter_scale)
+
+def rows_to_score(clf: Classifier, run: RunDir | None, model_path: str, split: str, data: str | None,
+                  data_columns: tuple, slice_by: tuple[str, ...], skip_unknown_labels: bool):
+    """(rows, unknown labels left out): --data read as training reads it, or the run's split."""
     if data is not None:
-        rows = load_data_rows(data, clf.task.name, text_column, label_column, hub_split, tuple(slice_by))
+        rows = load_data_rows(data, clf.task.name, *data_columns, slice_by)
     elif run is None:
         raise UserError(f"{model_path} is a merged model folder, which holds no splits", "Pass --data FILE.")
     else:
@@ -142,6 +135,55 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
     if not rows:
         raise UserError(f"no rows to score in {data or f'the {split} split of {model_path}'}",
                         "Use --split validation or --split test, or another --data.")
+    return rows, skipped
+
+
+def write_eval_folder(model_path: str, out_dir: Path, clf: Classifier, rows: list[dict], report: dict,
+                      predictions: list[dict], calibrate: bool, target_accuracy: float | None,
+                      adapter_scale: float) -> Path:
+    """The eval folder (eval.json last: it marks a whole evaluation), calibration.json with --calibrate and
+    threshold.json with a --target-accuracy; returns eval.json's path."""
+    run = RunDir(model_path)
+    run.start_eval(out_dir)
+    write_confusion([r["label"] for r in rows], [p["pred"] for p in predictions], clf.labels, out_dir)
+    if report["calibration"]:
+        calibration.write_reliability(report["calibration"], out_dir / "reliability.png")
+    if calibrate:
+        log.info("wrote %s", run.write_calibration(calibration.record(report)))
+    path = run.write_eval(out_dir, report, predictions)
+    log.info(summary_table(report, clf.labels))
+    if target_accuracy is not None:
+        fit_abstention(model_path, report, predictions, target_accuracy, adapter_scale)
+        run.write_eval(out_dir, report)
+    return path
+
+
+def run_validate(model_path: str, split: str = "validation", num_samples: int | None = None,
+                 decode: str = "auto", batch_size: int = 16, output_dir: str | None = None,
+                 base_model: str | None = None, precision: str = "auto", gpu_id: int | None = None,
+                 baseline: bool = False, data: str | None = None, text_column: str | None = None,
+                 label_column: str | None = None, hub_split: str | None = None, skip_unknown_labels: bool = False,
+                 normalize: str = "auto", trust_remote_code: bool = False, perturb: str | None = None,
+                 perturb_seed: int | None = None, calibrate: bool = False, slice_by: list[str] | None = None,
+                 fit_threshold: bool = False, target_accuracy: float | None = None,
+                 adapter_scale: float = 1.0) -> dict:
+    from qwen_ft.data.perturb import perturb_rows
+
+    dist.select_gpu(gpu_id)
+    data_columns = (text_column, label_column, hub_split)
+    perturbation, run = check_flags(
+        model_path, batch_size=batch_size, num_samples=num_samples, decode=decode, normalize=normalize, data=data,
+        data_columns=data_columns, calibrate=calibrate, baseline=baseline, perturb=perturb, perturb_seed=perturb_seed,
+        fit_threshold=fit_threshold, target_accuracy=target_accuracy)
+    slice_by = list(dict.fromkeys(slice_by or []))
+    # by default each kind of evaluation has its own folder: a noisy or baseline eval never replaces the clean one
+    kind = "eval" + ("-baseline" if baseline else "") + (f"-{perturbation.kind}-{perturbation.rate:g}" if perturbation else "")
+    out_dir = output_folder(Path(output_dir) if output_dir else Path(model_path) / kind, output_dir is not None)
+
+    dist.init()
+    clf = Classifier.load(model_path, base_model=base_model, precision=precision, adapter=not baseline,
+                          trust_remote_code=trust_remote_code, adapter_scale=adapter_scale)
+    rows, skipped = rows_to_score(clf, run, model_path, split, data, data_columns, tuple(slice_by), skip_unknown_labels)
     rows = rows[:num_samples] if num_samples else rows
     columns = slice_keys(rows, slice_by, None if run is None else run.config().data.split_by, data is None)
     noise = None
@@ -164,25 +206,14 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
     if report["truncated_prompts"]:
         log.warning("%d of %d prompts were longer than --max-length %d: their question text was truncated",
                     report["truncated_prompts"], len(rows), clf.encoder.max_length)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").unlink(missing_ok=True)  # eval.json marks a whole eval: gone first, written last
-    write_jsonl(out_dir / "predictions.jsonl", predictions)
-    write_confusion([r["label"] for r in rows], [p["pred"] for p in predictions], clf.labels, out_dir)
-    if report["calibration"]:
-        calibration.write_reliability(report["calibration"], out_dir / "reliability.png")
-    if calibrate:
-        log.info("wrote %s", RunDir(model_path).write_calibration(calibration.record(report)))
-    write_json(out_dir / "eval.json", report)
-    log.info(summary_table(report, clf.labels))
-    if fit_threshold:
-        fit_abstention(model_path, report, predictions, target_accuracy, adapter_scale)
-        write_json(out_dir / "eval.json", report)
+    path = write_eval_folder(model_path, out_dir, clf, rows, report, predictions, calibrate,
+                             target_accuracy if fit_threshold else None, adapter_scale)
     if noise is not None:
         log.info("perturbed questions: %s:%g, seed %d, %.2f%% of the characters changed", noise["kind"],
                  noise["rate"], noise["seed"], 100 * noise["chars_changed_fraction"])
     if skipped:
         log.info("left out %d rows with labels the run does not know: %s", sum(skipped.values()), skipped)
-    log.info("wrote %s", out_dir / "eval.json")
+    log.info("wrote %s", path)
     return report
 
 

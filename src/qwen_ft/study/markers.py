@@ -2,7 +2,8 @@
 
 A marker holds the hash of the config that produced the folder. A phase is skipped when its marker's
 hash equals the hash of the current config (which includes the hashes of the phases it reads from), so
-changing, say, the data section reruns data and everything after it, and nothing else.
+changing, say, the data section reruns data and everything after it, and nothing else. Markers are read
+back through study/load.py, the one reader of a study folder.
 """
 
 from __future__ import annotations
@@ -13,27 +14,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qwen_ft.runs import write_json
-
-MARKER = "phase.json"
+from qwen_ft.outputs import write_json
+from qwen_ft.study.load import MARKER, read_marker
 
 
 def digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def read(folder: Path) -> dict | None:
-    path = Path(folder) / MARKER
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def matches(folder: Path, config_hash: str) -> bool:
-    marker = read(folder)
+    marker = read_marker(folder)
     return marker is not None and marker.get("config_hash") == config_hash
 
 

@@ -1,7 +1,8 @@
 """notebooks/analysis.ipynb: re-draws the study's plots from the files of the study folder.
 
 The notebook holds code only (no outputs, no numbers), so regenerating it is a no-op unless this file
-changes; it calls qwen_ft.study.report's load/analyse/plot functions, so its plots are the report's.
+changes; it calls the report's own functions (study/load.py, analysis.py, plots.py), so its plots are
+the report's.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from qwen_ft.runs import atomic_write_text
+from qwen_ft.outputs import atomic_write_text
 
 
 def cells(study: str) -> list[tuple[str, str]]:
@@ -23,10 +24,12 @@ def cells(study: str) -> list[tuple[str, str]]:
         (
             "code",
             "from pathlib import Path\n\nimport pandas as pd\n\n"
-            "from qwen_ft.study import report\n\n"
+            "from qwen_ft.study import plots\n"
+            "from qwen_ft.study.analysis import analyse, trial_rows\n"
+            "from qwen_ft.study.load import load_study\n\n"
             f"STUDY = Path({study!r})  # the study's output folder\n"
-            "data = report.load_study(STUDY)\n"
-            "analysis = report.analyse(data)  # seeded: the same numbers as results/*.csv\n"
+            "data = load_study(STUDY)\n"
+            "analysis = analyse(data)  # seeded: the same numbers as results/*.csv\n"
             "pd.DataFrame(analysis['summary']).set_index('optimizer')",
         ),
         (
@@ -34,26 +37,26 @@ def cells(study: str) -> list[tuple[str, str]]:
             "## Learning-rate sensitivity\nEvery tuning trial's score on the tuning split; the star is "
             "the trial re-run as the finals.",
         ),
-        ("code", "fig = report.plot_lr_sensitivity(data)"),
+        ("code", "fig = plots.plot_lr_sensitivity(data)"),
         (
             "markdown",
             "## Accuracy per seed\nDots: seeds; diamond and bar: mean and 95 % bootstrap CI; lines: "
             "chance and the untrained baselines.",
         ),
-        ("code", "fig = report.plot_accuracy_per_seed(data, analysis)"),
+        ("code", "fig = plots.plot_accuracy_per_seed(data, analysis)"),
         ("markdown", "## Learning curves\nMean over seeds, band min..max; red: the target."),
-        ("code", "fig = report.plot_curves(data, analysis['target'])"),
+        ("code", "fig = plots.plot_curves(data, analysis['target'])"),
         ("markdown", "## Time to target"),
-        ("code", "fig = report.plot_time_to_target(data, analysis)"),
+        ("code", "fig = plots.plot_time_to_target(data, analysis)"),
         ("markdown", "## Optimizer state and step time"),
-        ("code", "fig = report.plot_resources(data, analysis)"),
+        ("code", "fig = plots.plot_resources(data, analysis)"),
         ("markdown", "## Pairwise verdicts"),
         (
             "code",
             "for p in analysis['pairwise']:\n    print(p['verdict'])\npd.DataFrame(analysis['pairwise'])",
         ),
         ("markdown", "## Every trial"),
-        ("code", "pd.DataFrame(report.trial_rows(data))"),
+        ("code", "pd.DataFrame(trial_rows(data))"),
     ]
 
 

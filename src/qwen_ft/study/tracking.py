@@ -6,18 +6,21 @@ as metric histories (`mlflow ui --backend-store-uri <study_dir>/mlruns`). The st
 the record the report reads: this is a view for a tracking UI, written after them.
 
 Offline: MlflowClient is given the file store explicitly (the process-wide tracking URI is never set)
-and MLflow's usage telemetry is off unless the user turned it on. Logging the same record again (a
+and MLflow's usage telemetry is off unless the user turned it on; the process's environment is left as
+it was found. Logging the same record again (a
 study run twice) is a no-op; a changed record (the run was repeated) replaces its run. Several workers
 may log at once: a file lock beside the store serialises them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -31,6 +34,11 @@ CURVES = {
     "curve": {"accuracy": "curve/accuracy", "seconds": "curve/seconds"},
 }
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
+# MLflow settings it reads only from the environment; a value the user set wins
+SETTINGS = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",  # MLflow 3 reports usage online otherwise
+    "MLFLOW_ALLOW_FILE_STORE": "true",  # MLflow >= 3.7 refuses file stores without it
+}
 _warned: list[bool] = []
 
 
@@ -69,7 +77,7 @@ def log_run(study_dir: Path, kind: str, optimizer: str, record: dict, metrics_pa
     digest = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
     study_dir.mkdir(parents=True, exist_ok=True)
     try:
-        with FileLock(str(study_dir / f"{STORE}.lock")):
+        with _mlflow_settings(), FileLock(str(study_dir / f"{STORE}.lock")):
             client = _client(study_dir)
             experiment_id = _experiment(client, study_dir)
             for old in client.search_runs([experiment_id], filter_string=f"tags.`qwen_ft.key` = '{key}'"):
@@ -83,9 +91,25 @@ def log_run(study_dir: Path, kind: str, optimizer: str, record: dict, metrics_pa
         return None
 
 
+@contextlib.contextmanager
+def _mlflow_settings() -> Iterator[None]:
+    """SETTINGS in the environment for the length of one call, then the environment as it was.
+
+    MLflow takes neither setting from its client's arguments: it reads them from os.environ, at import (the
+    telemetry client) and again on every call (each call's telemetry, the file store's check). So they are
+    put there only while this module calls MLflow, and the variables it added are removed afterwards: a
+    library call leaves the process's environment unchanged. Another thread of this process that reads them
+    meanwhile sees them set."""
+    added = [name for name in SETTINGS if name not in os.environ]
+    os.environ.update({name: SETTINGS[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
 def _client(study_dir: Path):
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # MLflow 3 reports usage online otherwise
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow >= 3.7 refuses file stores without it
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=store_uri(study_dir))
@@ -129,10 +153,10 @@ def _write(client, experiment_id: str, kind: str, optimizer: str, key: str, dige
 def _curves(metrics_path: Path, now: int) -> list:
     from mlflow.entities import Metric
 
-    from qwen_ft.runs import read_jsonl_tolerant
+    from qwen_ft.study.load import metrics_records
 
     out = []
-    for rec in read_jsonl_tolerant(metrics_path):
+    for rec in metrics_records(metrics_path):
         for field, name in CURVES.get(rec.get("type"), {}).items():
             if _number(rec.get(field)):
                 out.append(Metric(name, float(rec[field]), now, int(rec["step"])))

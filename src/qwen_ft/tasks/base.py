@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -59,6 +60,7 @@ class Task:
     question_template: str
     name: ClassVar[str] = "task"
     extra: dict = field(default_factory=dict)
+    PLAIN_QUESTION: ClassVar[str] = "Question: {question}"
 
     def row_labels(self, row: dict) -> list[str]:
         """The labels allowed for this row (all labels, or this row's letters)."""
@@ -78,6 +80,12 @@ class Task:
 
     def system_message(self) -> str:
         return self.instruction.format(labels=", ".join(self.labels))
+
+    def plain_prompt(self) -> Task:
+        """A copy of this task with the plain prompt of the untrained-model baselines (lm-evaluation-harness
+        style): no chat template, "Question: ..." then "Answer:", each answer scored as its text."""
+        return dataclasses.replace(self, labels=list(self.labels), question_template=self.PLAIN_QUESTION,
+                                   extra={**self.extra, "prompt_style": "plain", "answer_format": "text"})
 
     def to_mapping(self) -> dict:
         """What a run folder stores so that inference renders exactly the same prompt.

@@ -12,6 +12,7 @@ letter or `answer_index`).
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from collections import Counter
 from typing import Any, ClassVar
@@ -134,6 +135,10 @@ class MultipleChoiceTask(Task):
         return cls(labels=list(LETTERS[:n]), instruction=default if instruction is None else instruction,
                    question_template=question_template or (cls.PLAIN_QUESTION if plain else cls.DEFAULT_QUESTION),
                    extra=extra)
+
+    def plain_prompt(self) -> MultipleChoiceTask:
+        """Also without the instruction (lm-evaluation-harness: the question alone, its choices not listed)."""
+        return dataclasses.replace(super().plain_prompt(), instruction="")
 
     def row_labels(self, row: dict) -> list[str]:
         return self.labels[: len(row["choices"])]

@@ -1,25 +1,14 @@
 """The one inference engine: a trained classifier loaded once, answering `classify(rows)`.
 
 Every consumer goes through `Classifier`: `qwen-ft validate`, `test`, `predict`, `serve` and the study's
-evaluation. It knows tokens and labels, not files (beyond loading) or HTTP. A call returns its results
+evaluation. It knows tokens and labels, not files (`load` reads the folder) or HTTP. A call returns its results
 and its statistics; nothing on the object changes per call, so one instance serves concurrent callers.
 
 Rows are normalized task rows: `{"question": ...}` for a category task, `{"question", "choices"}` for
-multiple choice (`Classifier.row` builds one from a user's text or JSON).
+multiple choice (`Classifier.row` builds one from a user's text or JSON). How each decode scores a row, and
+what a row's result holds: `qwen_ft.inference.decoding`.
 
-Decoding (`decode=`):
-* `constrained` (default): greedy over the row's answers' token trie, the shared instruction computed
-  once. `probability` is that of the chosen first answer token, renormalized over the row's distinct
-  first tokens; answers that start with the same token share its probability in `top`.
-* `exact`: each answer's full log-probability; `probability`/`top` are the softmax over the row's
-  answers of the log-probabilities, optionally normalized (`normalize=`): `token` divides by the
-  number of answer tokens (end of turn included), `char` by the number of characters of the answer
-  text as written after the prompt (lm-evaluation-harness `acc_norm`).
-* `free`: greedy text, valid only when it equals an answer.
-* `head`: the only decode of a `--head classification` run (`auto` picks it): one pass over each left-padded
-  prompt; `probability`/`top` are the softmax of the head's logits over the labels.
-
-Calibration: each row's result keeps the raw `scores` its softmax is taken over (`qwen_ft.calibration`).
+Calibration: each row's result keeps the raw `scores` its softmax is taken over (`qwen_ft.inference.calibration`).
 When the folder holds a calibration.json (`qwen-ft validate --calibrate`) fitted for the call's decode and
 normalize, `probability` and `top` are softmax(scores / T), `raw_probability` the uncalibrated value;
 the prediction never changes.
@@ -31,46 +20,27 @@ import json
 import logging
 import os
 from collections import Counter
-from pathlib import Path
 
-import torch
-
-from qwen_ft import attention, selective
-from qwen_ft import calibration as calib
 from qwen_ft import distributed as dist
-from qwen_ft.encoding import PromptEncoder, check_head_prompt
+from qwen_ft import selective
+from qwen_ft.encoding import PromptEncoder
 from qwen_ft.errors import UserError
-from qwen_ft.metrics import classification_report
-from qwen_ft.scoring import (
-    Counts,
-    Timer,
-    common_prefix,
-    generate_texts,
-    greedy_trie,
-    left_pad,
-    match_answer,
-    option_logprobs,
-    packed_pass,
-    prefix_cache,
-    suffix_pass,
+from qwen_ft.inference import calibration as calib
+from qwen_ft.inference.decoding import (
+    MAX_PACK_TOKENS_CPU,
+    _calibrated,
+    _can_pack,
+    _margin,
+    _one_pass,
+    check_args,
+    score_batch,
 )
+from qwen_ft.inference.kernels import Counts, Timer, common_prefix, prefix_cache
+from qwen_ft.metrics import classification_report
 
 log = logging.getLogger(__name__)
 
-DECODES = ("auto", "constrained", "exact", "free", "head")
 TIE_MARGIN = {"bf16": 0.5, "fp16": 0.5}  # fp32: batch-invariant to < 1e-6 (measured), off
-NORMALIZE = ("auto", "none", "token", "char")
-# Pack a batch (no padding; scoring.packed_pass) when padding it would cost more than this x its real tokens.
-# Measured (SmolLM2-135M bf16, MMLU-Pro questions, AMD EPYC 2 cores): random groups of 8 - padded ~2x the real
-# tokens - 4.9 rows/s padded vs 10.6 packed; length-sorted groups of 8 11.4 padded vs 9.7 packed (a packed
-# row's attention spans the whole pack).
-PACK_ABOVE_PADDING = 1.25
-# Real tokens per packed batch on CPU. Under sdpa (or the attention before it knew segments) a pack's attention
-# scores every token against the whole pack: packs of 2048 tokens (the padded cap) validated at 12.1 rows/s vs
-# 18.1 never packing (56 rows, batch 16, one process, interleaved); 200 rows: never 22.6, packs of 1024 22.9,
-# 768 24.2, 512 28.7, 384 27.4. With qwen-ft's attention scoring each segment alone (attention.SEGMENTS) the
-# cap matters less; measured again then: never 26.3, 512 25.2, 1024 24.9, 2048 23.0 (run-to-run noise ~10 %).
-MAX_PACK_TOKENS_CPU = 512
 
 
 class Classifier:
@@ -85,13 +55,13 @@ class Classifier:
         self.device = next(model.parameters()).device
         tok = encoder.tok
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else encoder.eot_id
-        # padded prompt tokens per batch (rows x longest row): sorted MMLU-Pro prompts (66-508 tokens) in
-        # batches of 32 computed 2.9x the useful tokens; capped at 2048 on CPU, validation ran 2.5x faster
+        # padded prompt tokens per batch (rows x longest row): batches of long rows counted by rows alone
+        # compute mostly padding, so CPU batches are capped in tokens too (docs/performance.md)
         self.max_batch_tokens = 2048 if self.device.type == "cpu" else 16384
         self.max_pack_tokens = MAX_PACK_TOKENS_CPU  # packing runs on CPU only (_can_pack)
         # rows whose two best answers are closer than this (raw score units: logits or log-probabilities)
-        # are scored again alone: see _rescore_close_calls. bf16/fp16 scores of one row moved by up to
-        # 0.26 between batch compositions (SmolLM2-135M, Xeon AMX); fp32 probabilities agreed to 1e-6
+        # are scored again alone: see _rescore_close_calls. bf16/fp16 scores of one row move by a few tenths
+        # with the batch it shares; fp32 ones do not (docs/performance.md)
         self.tie_margin = TIE_MARGIN.get(precision, 0.0)
         self.can_pack = _can_pack(model, self.device)
         # a classification head (`--head classification`) answers from one pass over the whole prompt
@@ -117,66 +87,10 @@ class Classifier:
         Remote code runs only when `trust_remote_code` is passed here (the command-line flag); a folder
         that recorded it is refused without it, never taken as permission.
         """
-        from qwen_ft.models import (
-            check_adapter_matches,
-            load_adapter,
-            load_config,
-            load_model,
-            load_tokenizer,
-            require_trust,
-            resolve_model,
-        )
-        from qwen_ft.precision import inference_dtype, resolve_precision
-        from qwen_ft.runs import RunDir
-        from qwen_ft.tasks import Task
+        from qwen_ft.inference.load import load_classifier
 
-        folder = Path(path)
-        merged = (folder / "merge.json").is_file() and (folder / "label_mapping.json").is_file()
-        check_adapter_scale(adapter_scale, merged, adapter)
-        if not merged:
-            RunDir(folder).require_complete()
-        elif not adapter:
-            raise UserError(f"{folder} is a merged model: it has no separate adapter to leave out",
-                            "Pass the run folder it was merged from to score the base model alone.")
-        cfg = RunDir(folder).config()
-        require_trust(folder, cfg.model.trust_remote_code, trust_remote_code)
-        prec = resolve_precision(precision)
-        dtype = inference_dtype(prec)
-        tokenizer = load_tokenizer(str(folder), trust_remote_code, padding_side="left")
-        mapping = RunDir(folder).label_mapping()  # checked (shape, and labels against the run's splits)
-        head = {}  # a classification-head run: the base with a head over the run's labels, the adapter's trained one
-        if cfg.model.head == "classification":
-            if not adapter:
-                raise UserError(f"{folder} was trained with --head classification: its head starts random, so the "
-                                "base model alone has no meaningful baseline", "Score the run with its adapter.")
-            head = {"labels": mapping["labels"], "pad_token_id": tokenizer.pad_token_id}
-        if merged:
-            model_path = str(folder)
-            model = load_model(model_path, dtype, dist.device(), cfg.model.attn_implementation, trust_remote_code,
-                               **head)
-        else:
-            model_path = resolve_model(base_model or cfg.model.model)
-            check_adapter_matches(folder, load_config(model_path, trust_remote_code))
-            model = load_model(model_path, dtype, dist.device(), cfg.model.attn_implementation, trust_remote_code,
-                               **head)
-            if adapter:
-                model = load_adapter(model, folder, merge=True, scale=adapter_scale)
-        encoder = PromptEncoder(tokenizer, Task.from_mapping(mapping), cfg.model.max_length)
-        info = {"model_path": str(folder), "kind": "merged" if merged else "run", "base_model": model_path,
-                "adapter": adapter, "precision": prec, "adapter_scale": adapter_scale}
-        if dtype in (torch.bfloat16, torch.float16) and not head:
-            fp32_logits(model)
-        calibration = RunDir(folder).calibration() if adapter else None  # fitted for the adapter's scores
-        if calibration and float(calibration.get("adapter_scale", 1.0)) != adapter_scale:
-            log.warning("calibration.json was fitted at adapter scale %g, not %g: probabilities are raw",
-                        calibration.get("adapter_scale", 1.0), adapter_scale)
-            calibration = None
-        if calibration:
-            log.info("calibration.json: temperature %.4g for --decode %s --normalize %s",
-                     calibration["temperature"], calibration["decode"], calibration["normalize"])
-        clf = cls(model, encoder, prec, info, calibration)
-        clf.threshold = RunDir(folder).threshold() if adapter else None
-        return clf
+        return load_classifier(cls, path, base_model=base_model, precision=precision, adapter=adapter,
+                               trust_remote_code=trust_remote_code, adapter_scale=adapter_scale)
 
     threshold: dict | None = None  # threshold.json (validate --fit-threshold), applied by abstention()
 
@@ -295,7 +209,7 @@ class Classifier:
         (a row meets the same neighbours - padding, shared prefix - whatever the process count).
         `calibrated`: apply the folder's calibration temperature when it was fitted for this scoring."""
         decode, normalize = self.scoring(decode, normalize)
-        self._check_args(decode, normalize, top_k, batch_size)
+        check_args(decode, normalize, top_k, batch_size, self.head, self.ends_answers)
         self.check_rows(rows)
         temperature = self.temperature(decode, normalize) if calibrated else None
         if not rows:
@@ -317,21 +231,14 @@ class Classifier:
             for b in _progress(mine, progress, len(rows), [len(batches[b]) for b in mine]):
                 idx = batches[b]
                 counts.prompt_tokens += sum(len(prompts[i]) for i in idx)
-                batch = self._batch(decode, normalize, top_k, [rows[i] for i in idx], [prompts[i] for i in idx],
-                                    prefix, cache, counts, packable)
+                batch = score_batch(self, decode, normalize, top_k, [rows[i] for i in idx],
+                                    [prompts[i] for i in idx], prefix, cache, counts, packable)
                 results += zip(idx, batch)
             rescored = self._rescore_close_calls(results, rows, decode, normalize, top_k, counts)
         stats = self._stats(len(rows), timer.seconds, counts, decode, normalize, truncated)
         stats["rescored_alone"] = rescored
         if distributed and dist.world_size() > 1:
-            parts = dist.gather_objects({"results": results, "stats": stats, "memory": dist.peak_memory()})
-            results = [pair for p in parts for pair in p["results"]]
-            counts = Counts(sum(p["stats"]["prompt_tokens"] for p in parts),
-                            sum(p["stats"]["computed_tokens"] for p in parts))
-            stats = self._stats(len(rows), max(p["stats"]["seconds"] for p in parts), counts, decode, normalize,
-                                truncated)
-            stats["memory_per_rank"] = [p["memory"] for p in parts]
-            stats["rescored_alone"] = sum(p["stats"]["rescored_alone"] for p in parts)
+            results, stats = self._gather_ranks(results, stats)
         else:
             stats["memory_per_rank"] = [dist.peak_memory()]
         stats["world_size"] = dist.world_size() if distributed else 1
@@ -382,17 +289,7 @@ class Classifier:
             report["selective"] = selective.risk_coverage([r["probability"] for r in results],
                                                           [r["pred"] == g for r, g in zip(results, golds)])
             report["selective"]["temperature"] = temperature
-        predictions = []
-        for row, res in zip(rows, results):
-            pred = {"id": row.get("id"), "label": row["label"], "pred": res["pred"],
-                    "probability": res["probability"], "raw_probability": res["raw_probability"],
-                    "correct": res["pred"] == row["label"], "valid": res["valid"]}
-            if top_k > 1:
-                pred["top"] = res["top"]
-            if "output" in res:
-                pred["output"] = res["output"]
-            predictions.append(pred)
-        return report, predictions
+        return report, _predictions(rows, results, top_k)
 
     # ------------------------------------------------------------------ batch-invariant decisions
     def _rescore_close_calls(self, results: list[tuple[int, dict]], rows: list[dict], decode: str, normalize: str,
@@ -421,31 +318,16 @@ class Classifier:
         return n
 
     # ------------------------------------------------------------------ internals
-    def _check_args(self, decode: str, normalize: str, top_k: int, batch_size: int) -> None:
-        if decode not in DECODES:
-            raise UserError(f"decode must be one of {', '.join(DECODES)} (got {decode!r})")
-        if normalize not in NORMALIZE:
-            raise UserError(f"normalize must be one of {', '.join(NORMALIZE)} (got {normalize!r})")
-        if self.head != (decode == "head"):
-            if self.head:
-                raise UserError(f"--decode {decode} scores written answers, and this run has a classification head "
-                                "(--head classification), which writes none", "Use --decode head (or auto).")
-            raise UserError("--decode head applies to runs trained with --head classification, and this one "
-                            "writes its answers", "Use --decode auto, constrained or exact.")
-        if decode == "head" and normalize != "none":
-            raise UserError(f"--normalize {normalize} applies to --decode exact, not to a classification head",
-                            "Leave --normalize at auto.")
-        if normalize != "none" and decode != "exact":
-            raise UserError(f"--normalize {normalize} applies to --decode exact (each answer's full "
-                            f"log-probability), not to --decode {decode}", "Add --decode exact.")
-        if decode not in ("exact", "head") and not self.ends_answers:
-            raise UserError(f"--decode {decode} needs answers that end with an end-of-turn token, and this "
-                            "run's answers carry none (one answer may be the start of another)",
-                            "Use --decode exact.")
-        if not isinstance(top_k, int) or top_k < 1:
-            raise UserError(f"top-k must be >= 1 (got {top_k})")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise UserError(f"--batch-size must be > 0 (got {batch_size})")
+    def _gather_ranks(self, results: list[tuple[int, dict]], stats: dict) -> tuple[list[tuple[int, dict]], dict]:
+        """Every process's (row index, result) pairs and the statistics of the whole call, on every process."""
+        parts = dist.gather_objects({"results": results, "stats": stats, "memory": dist.peak_memory()})
+        counts = Counts(sum(p["stats"]["prompt_tokens"] for p in parts),
+                        sum(p["stats"]["computed_tokens"] for p in parts))
+        merged = self._stats(stats["rows"], max(p["stats"]["seconds"] for p in parts), counts, stats["decode"],
+                             stats["normalize"], stats["truncated_prompts"])
+        merged["memory_per_rank"] = [p["memory"] for p in parts]
+        merged["rescored_alone"] = sum(p["stats"]["rescored_alone"] for p in parts)
+        return [pair for p in parts for pair in p["results"]], merged
 
     def _call_prefix(self, prompts: list[list[int]], decode: str):
         """The prefix shared by this call's prompts and its cache (the instruction's, computed once, when
@@ -458,170 +340,12 @@ class Classifier:
         prefix = common_prefix(prompts)
         return prefix, prefix_cache(self.model, prefix, self.device)
 
-    def _batch(self, decode, normalize, top_k, rows, prompts, prefix, cache, counts, packable=False) -> list[dict]:
-        if decode == "free":
-            return self._free(rows, prompts, counts)
-        if decode == "head":
-            return self._head(prompts, top_k, counts)
-        opts = [self.encoder.answer_options(r) for r in rows]
-        suffixes = [p[len(prefix):] for p in prompts]
-        seqs = [s for _, s in opts]
-        if decode == "exact":
-            logp = option_logprobs(self.model, suffixes, seqs, len(prefix), cache, self.pad_id, self.device, counts)
-            out = []
-            for k, (labels, options) in enumerate(opts):
-                scores = logp[k, : len(labels)].double()
-                if normalize == "token":
-                    scores = scores / torch.tensor([len(s) for s in options], dtype=torch.float64)
-                elif normalize == "char":
-                    # as written after the prompt: with the leading space of template-less prompts, as
-                    # lm-evaluation-harness counts its continuation (" " + answer)
-                    lead = 0 if self.encoder.has_template else 1
-                    chars = [max(1, lead + len(self.task.answer(rows[k], lab))) for lab in labels]
-                    scores = scores / torch.tensor(chars, dtype=torch.float64)
-                res = _ranked(labels, torch.softmax(scores, -1).tolist(), top_k)
-                res["scores"] = {"labels": list(labels), "values": scores.tolist(),
-                                 "groups": list(range(len(labels)))}
-                out.append(res)
-            return out
-        if packable and len(suffixes) * max(map(len, suffixes)) > PACK_ABOVE_PADDING * sum(map(len, suffixes)):
-            # one pass decides every row, and padding would more than PACK_ABOVE_PADDING x the work: no padding
-            logits, kv, mask, lengths = packed_pass(self.model, suffixes, len(prefix), cache, self.device,
-                                                    counts), None, None, None
-        else:
-            logits, kv, mask, lengths = suffix_pass(self.model, suffixes, len(prefix), cache, self.pad_id,
-                                                  self.device, counts)
-        chosen = greedy_trie(self.model, logits, seqs, kv, mask, lengths, self.device, counts)
-        out = []
-        for k, (labels, options) in enumerate(opts):
-            first_ids = sorted({s[0] for s in options})
-            first_logits = logits[k, first_ids].double()
-            p = torch.softmax(first_logits, -1).tolist()
-            by_token = dict(zip(first_ids, p))
-            probs = [by_token[s[0]] for s in options]
-            res = _ranked(labels, probs, top_k, first=chosen[k])
-            logit_of = dict(zip(first_ids, first_logits.tolist()))
-            res["scores"] = {"labels": list(labels), "values": [logit_of[s[0]] for s in options],
-                             "groups": [s[0] for s in options]}
-            out.append(res)
-        return out
-
-    @torch.inference_mode()
-    def _head(self, prompts, top_k, counts) -> list[dict]:
-        """A classification head's softmax over the labels. Left-padded, so every row's last prompt token is the
-        last column, which is the token the model pools: the last one that is not the pad id (prompts never
-        end with it: `check_head_prompt`)."""
-        ids, mask = left_pad([check_head_prompt(p, self.model.config.pad_token_id) for p in prompts], self.pad_id,
-                             self.device)
-        counts.computed_tokens += int(mask.sum())
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                            use_cache=False).logits.double().cpu()
-        out = []
-        for row_logits in logits:
-            res = _ranked(self.labels, torch.softmax(row_logits, -1).tolist(), top_k)
-            res["scores"] = {"labels": list(self.labels), "values": row_logits.tolist(),
-                             "groups": list(range(len(self.labels)))}
-            out.append(res)
-        return out
-
-    def _free(self, rows, prompts, counts) -> list[dict]:
-        tok, task = self.encoder.tok, self.task
-        stop = list({self.encoder.eot_id, *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
-        longest = max(self.encoder.answer_len(r) for r in rows)
-        texts = generate_texts(self.model, tok, prompts, longest + 2, stop, self.pad_id, self.device, counts)
-        out = []
-        for row, text in zip(rows, texts):
-            pred = match_answer(text, {lab: task.answer(row, lab) for lab in task.row_labels(row)})
-            out.append({"pred": pred, "probability": None, "raw_probability": None, "top": [], "valid": pred is not None,
-                        "output": text})
-        return out
-
     @staticmethod
     def _stats(n: int, seconds: float, counts: Counts, decode: str, normalize: str, truncated: int) -> dict:
         return {"rows": n, "seconds": round(seconds, 3),
                 "samples_per_s": round(n / seconds, 3) if seconds > 0 else None,
                 "prompt_tokens": counts.prompt_tokens, "computed_tokens": counts.computed_tokens,
                 "decode": decode, "normalize": normalize, "truncated_prompts": truncated}
-
-
-class _Fp32Head(torch.nn.Module):
-    """The output projection in fp32 over bf16/fp16 hidden states. In bf16 the logits themselves are
-    rounded to 8 significant bits (steps of 0.125-0.25 at the magnitudes labels score), so two answers
-    could tie by rounding alone; the projection runs on the few positions scored, so fp32 costs little."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.register_buffer("weight", weight.detach().float(), persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.detach().float(), persistent=False)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(hidden.float(), self.weight, self.bias)
-
-
-def fp32_logits(model) -> None:
-    """Swap a loaded (inference-only) model's output projection for an fp32 one."""
-    head = model.get_output_embeddings()
-    if isinstance(head, torch.nn.Linear):
-        model.set_output_embeddings(_Fp32Head(head.weight, head.bias))
-
-
-def check_adapter_scale(scale, merged: bool, adapter: bool) -> None:
-    """--adapter-scale: a number in [0, 1] (0 the base model, 1 the trained run), for a run folder's adapter."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= scale <= 1.0:
-        raise UserError(f"--adapter-scale must be a number in [0, 1] (got {scale!r})",
-                        "0 scores the base model, 1 the trained run, values between interpolate.")
-    if scale != 1.0 and merged:
-        raise UserError("--adapter-scale applies to a run folder, and this is a merged model (its adapter is "
-                        "already in the weights)", "Pass the run folder, or merge it with --adapter-scale.")
-    if scale != 1.0 and not adapter:
-        raise UserError("--adapter-scale scales the adapter, and --baseline leaves it out", "Drop one of them.")
-
-
-def _can_pack(model, device) -> bool:
-    """Whether batches may run packed (`scoring.packed_pass`): on CPU (where it was measured), with sdpa
-    attention (it takes the boolean 4D mask as given; eager attention would add it, flash-attention kernels
-    take none) or qwen-ft's CPU attention where it honours the segment lengths (`attention.packs`), and only
-    full attention in every layer (a sliding window or a recurrent/linear-attention layer would see across
-    the packed rows)."""
-    impl = getattr(model.config, "_attn_implementation", None)
-    return device.type == "cpu" and ((impl == "sdpa" and attention.full_attention_only(model.config))
-                                     or (impl == attention.NAME and attention.packs(model)))
-
-
-def _one_pass(options: list[list[int]]) -> bool:
-    """Whether the first pass decides among these answers (their first tokens all differ)."""
-    return len({o[0] for o in options}) == len(options)
-
-
-def _margin(res: dict) -> float:
-    """Raw score of the best answer minus the runner-up's, over distinct scores (answers that share a first
-    token share one score under constrained decoding); infinite when one answer stands alone."""
-    scores = res.get("scores")
-    if not scores:
-        return float("inf")
-    best: dict = {}
-    for group, value in zip(scores["groups"], scores["values"]):
-        best[group] = max(value, best.get(group, float("-inf")))
-    top = sorted(best.values(), reverse=True)
-    return top[0] - top[1] if len(top) > 1 else float("inf")
-
-
-def _ranked(labels: list[str], probs: list[float], top_k: int, first: int | None = None) -> dict:
-    """Result of one row from its answers' probabilities; `first` forces the prediction (greedy trie)."""
-    order = sorted(range(len(labels)), key=lambda j: (j != first, -probs[j], j))
-    best = order[0]
-    p = round(float(probs[best]), 6)
-    return {"pred": labels[best], "probability": p, "raw_probability": p,
-            "top": [[labels[j], round(float(probs[j]), 6)] for j in order[:top_k]], "valid": True}
-
-
-def _calibrated(res: dict, temperature: float, top_k: int) -> dict:
-    """A row's result with `probability` and `top` at `temperature`; its prediction (kept first, whatever
-    rounding does to near-ties) and `raw_probability` stay as scored."""
-    scores = res["scores"]
-    labels = scores["labels"]
-    ranked = _ranked(labels, calib.probabilities(scores, temperature), top_k, first=labels.index(res["pred"]))
-    return {**res, "probability": ranked["probability"], "top": ranked["top"]}
 
 
 def _progress(batches: list[int], enabled: bool, total_rows: int, sizes: list[int]):
@@ -637,6 +361,21 @@ def _progress(batches: list[int], enabled: bool, total_rows: int, sizes: list[in
             bar.update(size)
 
 
+def _predictions(rows: list[dict], results: list[dict], top_k: int) -> list[dict]:
+    """One prediction per labeled row, as eval/predictions.jsonl holds them."""
+    predictions = []
+    for row, res in zip(rows, results):
+        pred = {"id": row.get("id"), "label": row["label"], "pred": res["pred"],
+                "probability": res["probability"], "raw_probability": res["raw_probability"],
+                "correct": res["pred"] == row["label"], "valid": res["valid"]}
+        if top_k > 1:
+            pred["top"] = res["top"]
+        if "output" in res:
+            pred["output"] = res["output"]
+        predictions.append(pred)
+    return predictions
+
+
 def chance(task, rows: list[dict]) -> float:
     """Expected accuracy of a uniform guess among each row's allowed labels."""
     return sum(1 / len(task.row_labels(r)) for r in rows) / len(rows) if rows else 0.0
@@ -650,4 +389,4 @@ def stderr_is_terminal() -> bool:
         return False
 
 
-__all__ = ["DECODES", "NORMALIZE", "Classifier", "chance", "stderr_is_terminal"]
+__all__ = ["Classifier", "chance", "stderr_is_terminal"]

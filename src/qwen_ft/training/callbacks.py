@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal
@@ -15,8 +14,9 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from qwen_ft import distributed as dist
+from qwen_ft.checkpoints import last_good_checkpoint
 from qwen_ft.errors import TrainingDiverged
-from qwen_ft.runs import last_good_checkpoint, read_jsonl_tolerant
+from qwen_ft.runs import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,8 @@ class QuietProgress(ProgressCallback):
 class EpochMetrics(TrainerCallback):
     """metrics.jsonl (a line per step and per epoch), one readable line per epoch, overfit warning."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, run: RunDir):
+        self.run = run
         self.epoch_steps: list[dict] = []
         self.history: list[dict] = []
         self.t0 = time.time()
@@ -41,19 +41,18 @@ class EpochMetrics(TrainerCallback):
         # On resume, keep what was logged up to the checkpoint and rebuild the current epoch's steps.
         kept = []
         if state.global_step > 0:  # a line torn by SIGKILL, and lines logged after the checkpoint, go
-            kept = [r for r in read_jsonl_tolerant(self.path)
+            kept = [r for r in self.run.metrics()
                     if r.get("step", 0) <= state.global_step and r.get("type") in ("step", "epoch", "eval", "curve")]
         self.history = [r for r in kept if r["type"] in ("epoch", "eval")]
         done = self.history[-1]["step"] if self.history else 0
         self.epoch_steps = [r for r in kept if r["type"] == "step" and r["step"] > done]
         if dist.is_main():
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            self.run.write_metrics(kept)
         self.t0 = time.time()
 
     def _write(self, record: dict) -> None:
         if dist.is_main():
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.run.append_metrics(record)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:

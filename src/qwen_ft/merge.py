@@ -14,12 +14,12 @@ import shutil
 from pathlib import Path
 
 import torch
-import yaml
 
 from qwen_ft import distributed as dist
 from qwen_ft.config import TrainConfig
 from qwen_ft.encoding import PromptEncoder
 from qwen_ft.errors import UserError
+from qwen_ft.inference.kernels import left_pad
 from qwen_ft.models import (
     DTYPES,
     check_adapter_matches,
@@ -30,8 +30,9 @@ from qwen_ft.models import (
     require_trust,
     resolve_model,
 )
-from qwen_ft.runs import MERGE_MARKER, WRITER, RunDir, claim_output, labels_digest, plan_output, write_json
-from qwen_ft.scoring import left_pad
+from qwen_ft.outputs import MERGE_MARKER, WRITER, claim_output, plan_output, write_json
+from qwen_ft.run_checks import labels_digest
+from qwen_ft.runs import RunDir
 from qwen_ft.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -56,18 +57,6 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
     return float((a - b).abs()[keep].max())
 
 
-def _run_config(run: RunDir) -> TrainConfig:
-    path = run / "config.yaml"
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"run folder {run.path} has no config.yaml", "Pass a run folder written by `qwen-ft train`.") \
-            from None
-    except (UnicodeDecodeError, yaml.YAMLError) as e:
-        raise UserError(f"{path} is not valid YAML: {e}", "Restore the run's config.yaml, or retrain.") from None
-    return TrainConfig.from_dict(data, str(path))
-
-
 def merge_run(run_path: str | os.PathLike, output_dir: str | os.PathLike, dtype: str = "auto",
               verify_samples: int = 4, tolerance: float = 1e-3, overwrite: bool = False,
               trust_remote_code: bool = False) -> dict:
@@ -80,7 +69,7 @@ def merge_run(run_path: str | os.PathLike, output_dir: str | os.PathLike, dtype:
     if dtype not in ("auto", *DTYPES):
         raise UserError(f"--dtype must be auto, {', '.join(DTYPES)} (got {dtype})")
     run = RunDir(run_path).require_complete()
-    cfg = _run_config(run)
+    cfg = run.config()  # read and checked by RunDir, the one reader of config.yaml
     plan = plan_output(output_dir, overwrite=overwrite, marker=MERGE_MARKER, stage_new=True,
                        inputs={"--model-path": run.path, "base model": cfg.model.model})
     require_trust(run.path, cfg.model.trust_remote_code, trust_remote_code)

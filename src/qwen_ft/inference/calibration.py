@@ -221,7 +221,7 @@ def write_reliability(section: dict, path: Path) -> None:
     ax.set_title("Reliability diagram")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    from qwen_ft.runs import save_figure
+    from qwen_ft.outputs import save_figure
 
     save_figure(fig, path)
     plt.close(fig)
