@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import openai
@@ -136,8 +138,51 @@ def test_openai_client_gets_the_label(url):
     parts = client.chat.completions.create(model="qwen-ft", messages=[
         {"role": "user", "content": [{"type": "text", "text": TEXTS[0]}]}])
     assert parts.choices[0].message.content == offline[0]["label"]
-    with pytest.raises(openai.BadRequestError, match="stream"):
-        client.chat.completions.create(model="qwen-ft", messages=[{"role": "user", "content": "x"}], stream=True)
+    # OpenAI clients stream by default in many frameworks: one chunk holding the whole label, then [DONE]
+    chunks = list(client.chat.completions.create(model="qwen-ft", stream=True, messages=[
+        {"role": "user", "content": TEXTS[0]}]))
+    assert len(chunks) == 1 and chunks[0].choices[0].delta.content == offline[0]["label"]
+    assert chunks[0].choices[0].finish_reason == "stop"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+
+
+def test_openai_logprobs_are_the_label_distribution(url, clf):
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(model="qwen-ft", messages=[{"role": "user", "content": TEXTS[2]}],
+                                           logprobs=True, top_logprobs=3)
+    (res,), _ = clf.classify([clf.row(TEXTS[2])], top_k=len(clf.labels))
+    entry = reply.choices[0].logprobs.content[0]
+    assert entry.token == reply.choices[0].message.content == res["pred"]
+    assert entry.logprob == pytest.approx(math.log(res["probability"]), abs=1e-5)
+    assert [t.token for t in entry.top_logprobs] == [lab for lab, _ in res["top"][:3]]
+    assert [math.exp(t.logprob) for t in entry.top_logprobs] == pytest.approx([p for _, p in res["top"][:3]],
+                                                                               abs=1e-5)
+    assert bytes(entry.bytes).decode() == entry.token
+    plain = client.chat.completions.create(model="qwen-ft", messages=[{"role": "user", "content": TEXTS[2]}])
+    assert plain.choices[0].logprobs is None
+
+
+def test_http_classify_meets_semantic_routers_contract(url, clf):
+    """The checks semantic-router's http_classifier.go makes on an answer: every label of the mapping exactly
+    once (matched by name), each score finite within [0, 1], the scores summing to 1 within 0.02."""
+    labels = json.loads((Path(clf.info["model_path"]) / "label_mapping.json").read_text())["labels"]
+    for text in TEXTS[:3]:
+        r = httpx.post(f"{url}/classify", json={"inputs": text})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+        scores = r.json()
+        assert isinstance(scores, list) and sorted(s["label"] for s in scores) == sorted(labels)
+        assert all(0.0 <= s["score"] <= 1.0 and math.isfinite(s["score"]) for s in scores)
+        assert abs(sum(s["score"] for s in scores) - 1.0) <= 0.02
+        (res,), _ = clf.classify([clf.row(text)], top_k=len(labels))  # = predict --top K with K = every label
+        top = dict(res["top"])
+        assert {s["label"]: s["score"] for s in scores} == pytest.approx(top, abs=1e-6)
+        assert max(scores, key=lambda s: s["score"])["label"] == res["pred"]
+    batch = httpx.post(f"{url}/classify", json={"inputs": TEXTS[:2]}).json()
+    assert len(batch) == 2 and all(len(b) == len(labels) for b in batch)
+    for body, status in ((b"{}", 422), (b'{"inputs": 3}', 422), (b'{"inputs": []}', 422), (b"{bad", 400)):
+        r = httpx.post(f"{url}/classify", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == status and r.json()["error"]["message"], r.text
 
 
 BAD = [  # (path, raw body, status, part of the message)
@@ -232,9 +277,9 @@ def test_api_key(clf):
         assert ok.status_code == 200
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{base}/v1", api_key="nope", max_retries=0).chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "x"}])
+                model="qwen-ft", messages=[{"role": "user", "content": "x"}])
         reply = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0).chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "What is a tort?"}])
+            model="qwen-ft", messages=[{"role": "user", "content": "What is a tort?"}])
         assert reply.choices[0].message.content == ok.json()["results"][0]["label"]
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import yaml
 
+MARKER = "<!-- model card written by qwen-ft (train, refreshed by validate) -->"
 PIPELINE_TAG = {"category": "text-classification", "multiple_choice": "text-generation"}
 
 
-def _metadata(info: dict, mapping: dict, config: dict) -> dict:
-    data = (config.get("data") or {}).get("data")
+def _metadata(info: dict, mapping: dict, data: str | None) -> dict:
     meta = {"base_model": info.get("base_model_path") or info.get("base_model"), "library_name": "peft",
             "pipeline_tag": PIPELINE_TAG.get(mapping.get("task"), "text-generation"),
             "tags": ["qwen-ft", "lora", mapping.get("task", "category")]}
@@ -54,12 +54,12 @@ def _held_out_first(evals: dict[str, dict]) -> list[tuple[str, dict]]:
     return sorted(evals.items(), key=lambda kv: (kv[1].get("split") != "test", kv[0]))
 
 
-def render(info: dict, mapping: dict, config: dict, evals: dict[str, dict], threshold: dict | None = None) -> str:
+def render(info: dict, mapping: dict, data: str | None, split_by: str | None, evals: dict[str, dict],
+           threshold: dict | None = None) -> str:
     """The card's text. `evals` maps an eval folder's name (e.g. "eval", "eval-test") to its eval.json."""
-    meta = _metadata(info, mapping, config)
+    meta = _metadata(info, mapping, data)
     labels = mapping.get("labels") or []
-    split_by = (config.get("data") or {}).get("split_by")
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(), "---", "",
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(), "---", MARKER, "",
              f"# {mapping.get('task', 'category')} classifier on {meta['base_model']}", "",
              f"A LoRA adapter trained with qwen-ft to generate one of {len(labels)} labels "
              f"({', '.join(labels[:20])}{', ...' if len(labels) > 20 else ''}) for a question.", "",

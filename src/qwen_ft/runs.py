@@ -20,9 +20,8 @@ A merged model folder (`qwen-ft merge`) holds the same label_mapping.json, confi
 from __future__ import annotations
 
 import json
+import logging
 import os
-import platform
-import subprocess
 from pathlib import Path
 
 from qwen_ft.checkpoints import last_good_checkpoint
@@ -54,6 +53,8 @@ PREDICTIONS = "predictions.jsonl"
 CALIBRATION = "calibration.json"  # the temperature of `qwen-ft validate --calibrate`
 THRESHOLD = "threshold.json"  # the abstention threshold of `qwen-ft validate --fit-threshold`
 THRESHOLD_HINT = "threshold.json is written by `qwen-ft validate --fit-threshold`: run it again, or remove the file."
+
+log = logging.getLogger(__name__)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -95,28 +96,6 @@ def read_predictions(folder: str | os.PathLike) -> list[dict] | None:
     """An eval folder's predictions.jsonl (a torn last line skipped), or None when it has none."""
     path = Path(folder) / PREDICTIONS
     return read_jsonl_tolerant(path) if path.is_file() else None
-
-
-def env_info() -> dict:
-    import importlib.metadata as md
-
-    versions = {}
-    for pkg in ("qwen-ft", "torch", "transformers", "peft", "accelerate", "datasets", "pytorch_optimizer"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    return {"written_by": WRITER, "versions": versions, "python": platform.python_version(), "git_commit": git_commit(),
-            "platform": platform.platform()}
-
-
-def git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 class RunDir:
@@ -284,6 +263,26 @@ class RunDir:
         """predictions.jsonl alone (an evaluation with no report, such as a diverged study final)."""
         write_jsonl(self.eval_dir(where) / PREDICTIONS, rows)
         return self.eval_dir(where) / PREDICTIONS
+
+    def write_model_card(self, refresh: bool = False) -> Path | None:
+        """README.md, a Hugging Face model card from the run's own files (`model_card.render`). `refresh`
+        (validate): only a card qwen-ft wrote is replaced, never a README the user put there."""
+        from qwen_ft import model_card
+
+        path = self.path / "README.md"
+        if refresh and path.is_file() and model_card.MARKER not in path.read_text(encoding="utf-8", errors="replace"):
+            return None
+        evals = {}
+        for found in sorted(self.path.glob("eval*/" + EVAL)):
+            try:
+                evals[found.parent.name] = read_eval(found.parent)
+            except UserError as e:  # a broken eval folder leaves the card, not the command
+                log.warning("model card: %s left out (%s)", found, e.message)
+        cfg = self.config()
+        text = model_card.render(self.info(), self.label_mapping(check_splits=False), cfg.data.data,
+                                 cfg.data.split_by, evals, self.threshold())
+        atomic_write_text(path, text)
+        return path
 
     def calibration(self) -> dict | None:
         """calibration.json (the fitted temperature), checked; None when the folder has none."""

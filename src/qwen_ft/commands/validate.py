@@ -208,6 +208,8 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
                     report["truncated_prompts"], len(rows), clf.encoder.max_length)
     path = write_eval_folder(model_path, out_dir, clf, rows, report, predictions, calibrate,
                              target_accuracy if fit_threshold else None, adapter_scale)
+    if run is not None and (card := run.write_model_card(refresh=True)):
+        log.info("refreshed the model card %s", card)
     if noise is not None:
         log.info("perturbed questions: %s:%g, seed %d, %.2f%% of the characters changed", noise["kind"],
                  noise["rate"], noise["seed"], 100 * noise["chars_changed_fraction"])

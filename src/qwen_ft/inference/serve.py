@@ -19,14 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen_ft.errors import UserError
@@ -34,16 +33,19 @@ from qwen_ft.inference.serve_guard import (
     ApiError,
     ChatRequest,
     ClassifyRequest,
+    HttpClassifyRequest,
     api_error,
     authorize,
     error_response,
     http_error,
     internal_error,
+    last_user_text,
     read_json,
     refusal,
     to_rows,
 )
 from qwen_ft.inference.serve_metrics import Metrics
+from qwen_ft.inference.serve_shapes import chat_completion, chat_stream, label_scores, result
 
 log = logging.getLogger(__name__)
 
@@ -290,14 +292,6 @@ async def classify(batcher: Batcher, rows: list[dict], top_k: int) -> list[dict]
     return await batcher.submit(rows, top_k)
 
 
-def result(res: dict, top_k: int) -> dict:
-    out = {"label": res["pred"], "probability": res["probability"], "raw_probability": res["raw_probability"],
-           "top": [{"label": lab, "probability": p} for lab, p in res["top"][:top_k]]}
-    if "abstained" in res:
-        out.update({"abstained": res["abstained"], "model_label": res.get("model_label", res["pred"])})
-    return out
-
-
 @router.get("/health")
 async def health(request: Request):
     state = _state(request)
@@ -352,40 +346,39 @@ async def classify_endpoint(request: Request):
     return {"model": state.model_name, "results": [result(r, req.top_k) for r in results]}
 
 
+@router.post("/classify")
+async def http_classify(request: Request):
+    """semantic-router's `http_classify` contract: {"inputs": text} -> every label with its score."""
+    state = _state(request)
+    authorize(request, state.api_key)
+    batcher = ready(state)
+    req = await read_json(request, HttpClassifyRequest, state.limits)
+    items = [req.inputs] if isinstance(req.inputs, str) else req.inputs
+    if not items:
+        raise ApiError(422, '"inputs" is empty')
+    labels = batcher.classifier.labels
+    results = await classify(batcher, to_rows(batcher.classifier, items, state.limits), len(labels))
+    scored = [label_scores(r, labels) for r in results]
+    return scored[0] if isinstance(req.inputs, str) else scored
+
+
 @router.post("/v1/chat/completions")
 async def chat(request: Request):
     state = _state(request)
     authorize(request, state.api_key)
     batcher = ready(state)
     req = await read_json(request, ChatRequest, state.limits)
-    if req.stream:
-        raise ApiError(400, "stream: true is not supported; the answer is one label")
+    if req.model is not None and req.model != state.model_name:
+        raise ApiError(404, f"the model {req.model!r} does not exist; this server has {state.model_name!r} "
+                            "(GET /v1/models)", "model_not_found")
     if req.n not in (None, 1):
         raise ApiError(400, f"n={req.n} is not supported; the answer is one label")
-    content = _last_user_text(req)
-    top_k = min(len(batcher.classifier.labels), max(1, req.top_logprobs or 1))
-    rows = to_rows(batcher.classifier, [content], state.limits)
-    res = (await classify(batcher, rows, top_k))[0]
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-        "model": state.model_name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": res["pred"]},
-                     "finish_reason": "stop", "logprobs": None}],
-        "classification": result(res, top_k),
-    }
-
-
-def _last_user_text(req: ChatRequest) -> str:
-    """The text to classify: the last user message's content (its text parts, joined by newlines)."""
-    user = [m for m in req.messages if m.role == "user"]
-    if not user:
-        raise ApiError(422, "messages has no user message: the last user message is the text to classify")
-    content = user[-1].content
-    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        if not parts or not all(isinstance(t, str) for t in parts):
-            raise ApiError(422, "the last user message has no text part")
-        content = "\n".join(parts)
-    if not isinstance(content, str):
-        raise ApiError(422, "the last user message has no content")
-    return content
+    content = last_user_text(req)
+    n_labels = len(batcher.classifier.labels)
+    shown = min(n_labels, req.top_logprobs or 0)
+    scored = n_labels if req.logprobs else max(1, shown)  # logprobs need the answer's own probability
+    res = (await classify(batcher, to_rows(batcher.classifier, [content], state.limits), scored))[0]
+    reply = chat_completion(res, state.model_name, result(res, max(1, shown)), shown if req.logprobs else None)
+    if req.stream:
+        return StreamingResponse(iter(chat_stream(reply)), media_type="text/event-stream")
+    return reply

@@ -102,6 +102,12 @@ class ClassifyRequest(BaseModel):
     top_k: int = Field(1, ge=1)
 
 
+class HttpClassifyRequest(BaseModel):
+    """semantic-router's `http_classify` request: one text, or a list of texts."""
+    model_config = ConfigDict(extra="forbid")
+    inputs: str | list[str]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
@@ -114,7 +120,8 @@ class ChatRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool | None = False
     n: int | None = 1
-    top_logprobs: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 def schema_message(e: ValidationError) -> str:
@@ -177,3 +184,19 @@ def to_rows(classifier, items: list, limits: Limits) -> list[dict]:
     except UserError as e:
         raise ApiError(422, e.message) from None
     return rows
+
+
+def last_user_text(req: ChatRequest) -> str:
+    """The text to classify: the last user message's content (its text parts, joined by newlines)."""
+    user = [m for m in req.messages if m.role == "user"]
+    if not user:
+        raise ApiError(422, "messages has no user message: the last user message is the text to classify")
+    content = user[-1].content
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if not parts or not all(isinstance(t, str) for t in parts):
+            raise ApiError(422, "the last user message has no text part")
+        content = "\n".join(parts)
+    if not isinstance(content, str):
+        raise ApiError(422, "the last user message has no content")
+    return content

@@ -29,8 +29,9 @@ from qwen_ft.errors import TrainingInterrupted, UserError
 from qwen_ft.models import apply_lora, compiled_blocks, frozen_in_compute_dtype, load_model, load_tokenizer
 from qwen_ft.outputs import OutputPlan, claim_output, staged_dir
 from qwen_ft.precision import inference_dtype, resolve_precision
+from qwen_ft.provenance import env_info
 from qwen_ft.run_checks import labels_digest
-from qwen_ft.runs import RunDir, env_info
+from qwen_ft.runs import RunDir
 from qwen_ft.training import batches
 from qwen_ft.training.callbacks import (
     CheckpointTriggers,
@@ -246,6 +247,7 @@ def _finish(trainer: SeededTrainer, r: Resolved, run: RunDir, plan: OutputPlan, 
     if dist.is_main():
         (run / "training_args.bin").unlink(missing_ok=True)
         data.tokenizer.save_pretrained(run.path)
+        run.write_model_card()  # replaces peft's empty template card
         final = _final_record(trainer, r.config, per_rank, best_step, state_bytes, data.train_ds, timer, train_time,
                               run)
         run.mark_complete({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "config_hash": config_hash(r.config),
