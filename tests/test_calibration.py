@@ -15,6 +15,7 @@ from qwen_ft.cli import main
 from qwen_ft.inference import calibration as calib
 from qwen_ft.inference.decoding import _calibrated, _ranked
 from qwen_ft.inference.engine import Classifier
+from qwen_ft.run_checks import check_calibration
 from qwen_ft.runs import RunDir
 from tests.conftest import copy_run
 
@@ -88,11 +89,11 @@ def test_shared_first_tokens_share_one_softmax_term_and_the_forced_prediction_st
 def test_calibration_json_is_checked():
     for bad in (-1, 0, 5e-324, 1e-300, 0.049, 20.5, float("nan"), float("inf"), True, "1.0"):
         with pytest.raises(Exception, match=r"temperature must be a number in \[0.05, 20\]"):
-            calib.check({"temperature": bad, "decode": "exact", "normalize": "none"}, "calibration.json")
+            check_calibration({"temperature": bad, "decode": "exact", "normalize": "none"}, "calibration.json")
     for fine in (0.05, 1.0, 20):
-        calib.check({"temperature": fine, "decode": "exact", "normalize": "none"}, "calibration.json")
+        check_calibration({"temperature": fine, "decode": "exact", "normalize": "none"}, "calibration.json")
     with pytest.raises(Exception, match="decode must be"):
-        calib.check({"temperature": 1.5, "decode": "free", "normalize": "none"}, "calibration.json")
+        check_calibration({"temperature": 1.5, "decode": "free", "normalize": "none"}, "calibration.json")
 
 
 def test_validate_calibrate_then_every_consumer_reports_calibrated_probabilities(tiny_run, tmp_path, capsys):

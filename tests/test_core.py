@@ -134,7 +134,8 @@ def test_presets_by_parameter_count():
 
 
 def test_precedence_preset_yaml_cli(tiny_qwen3, tmp_path, monkeypatch):
-    from qwen_ft.cli import build_parser, user_layers
+    from qwen_ft.cli import build_parser
+    from qwen_ft.config_flags import user_layers
     from qwen_ft.training import resolve_config
 
     cfg_file = tmp_path / "c.yaml"

@@ -353,7 +353,8 @@ def test_the_old_global_registry_is_gone():
 
 
 def test_train_accepts_optimizer_flag(tiny_qwen3):
-    from qwen_ft.cli import build_parser, user_layers
+    from qwen_ft.cli import build_parser
+    from qwen_ft.config_flags import user_layers
     from qwen_ft.training import resolve_config
 
     for name in ("sgd", "lion", "Adagrad"):

@@ -11,9 +11,9 @@ import pytest
 
 from qwen_ft.cli import main
 from qwen_ft.config import DataArgs, TrainConfig
-from qwen_ft.data.perturb import Perturbation, parse_perturbation, perturb_rows, typos
 from qwen_ft.data.prepare import prepare
 from qwen_ft.errors import UserError
+from qwen_ft.perturb import Perturbation, parse_perturbation, perturb_rows, typos
 from qwen_ft.runs import RunDir, read_jsonl
 
 DEMO = Path(__file__).resolve().parents[1] / "src" / "qwen_ft" / "data" / "demo_category.jsonl"

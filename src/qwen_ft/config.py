@@ -187,7 +187,7 @@ class TrainConfig:
         p.check(da.dedup in (None, "exact", "near"), f"--dedup must be exact or near (got {da.dedup!r})")
         p.check(da.balance in (None, "oversample"), f"--balance must be oversample (got {da.balance!r})")
         if da.augment is not None:
-            from qwen_ft.data.perturb import parse_perturbation
+            from qwen_ft.perturb import parse_perturbation
 
             p.attempt(parse_perturbation, da.augment, "--augment")
         p.check(tr.gpu_id is None or tr.gpu_id >= 0, f"--gpu-id must be >= 0 (got {tr.gpu_id})")

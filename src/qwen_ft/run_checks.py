@@ -5,9 +5,18 @@ may come from anyone (a download, a copy, an edit): every problem is one UserErr
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from qwen_ft.errors import UserError
+
+# The temperatures fitted and accepted. Scores are logits or log-probabilities a few units apart: below 0.05
+# a 0.3 gap becomes a factor of 400 (every probability rounds to 0 or 1), above 20 a 10-unit gap becomes 1.6
+# (near uniform). Fitted temperatures measured on our runs lie in 1.0-1.5; a calibration.json outside this
+# range is damaged or hostile, never a fit (5e-324 would make every probability NaN).
+T_BOUNDS = (0.05, 20.0)
+THRESHOLD_HINT = "threshold.json is written by `qwen-ft validate --fit-threshold`: run it again, or remove the file."
+
 
 
 def read_json(path: Path, hint: str):
@@ -127,3 +136,48 @@ def check_mapping_against_splits(mapping: dict, seen: dict[str, set[str]], most_
         parts = ([f"labels of the split rows missing from it: {', '.join(missing)}"] if missing else []) + \
                 ([f"labels no training row has: {', '.join(extra)}"] if extra else [])
         raise UserError(f"{path} disagrees with the run's split files ({'; '.join(parts)})", hint)
+
+
+def check_calibration(data, path: Path) -> dict:
+    """A calibration.json as read: a dict with a positive finite temperature and the scoring it was fitted
+    for; anything else is one UserError."""
+    hint = "calibration.json is written by `qwen-ft validate --calibrate`: run it again, or remove the file."
+    problems = []
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a JSON object", hint)
+    t = data.get("temperature")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) \
+            or not T_BOUNDS[0] <= t <= T_BOUNDS[1]:
+        problems.append(f"{path}: temperature must be a number in [{T_BOUNDS[0]:g}, {T_BOUNDS[1]:g}] (got {t!r})")
+    if data.get("decode") not in ("constrained", "exact", "head"):
+        problems.append(f"{path}: decode must be constrained, exact or head (got {data.get('decode')!r})")
+    if data.get("normalize") not in ("none", "token", "char"):
+        problems.append(f"{path}: normalize must be none, token or char (got {data.get('normalize')!r})")
+    if problems:
+        raise UserError(problems, hint)
+    return data
+
+
+def check_threshold(data, path) -> dict:
+    """A threshold.json as read (untrusted): a threshold in [0, 1] and the scoring it was fitted for."""
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a JSON object", THRESHOLD_HINT)
+    problems = []
+    t = data.get("threshold")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t <= 1:
+        problems.append(f"{path}: threshold must be a probability in [0, 1] (got {t!r})")
+    if data.get("decode") not in ("constrained", "exact", "head"):
+        problems.append(f"{path}: decode must be constrained, exact or head (got {data.get('decode')!r})")
+    if data.get("normalize") not in ("none", "token", "char"):
+        problems.append(f"{path}: normalize must be none, token or char (got {data.get('normalize')!r})")
+    temp = data.get("temperature")
+    if temp is not None and (isinstance(temp, bool) or not isinstance(temp, (int, float)) or not math.isfinite(temp)
+                             or not T_BOUNDS[0] <= temp <= T_BOUNDS[1]):
+        problems.append(f"{path}: temperature must be null or a number in [{T_BOUNDS[0]:g}, {T_BOUNDS[1]:g}] "
+                        f"(got {temp!r})")
+    scale = data.get("adapter_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= 1:
+        problems.append(f"{path}: adapter_scale must be a number in [0, 1] (got {scale!r})")
+    if problems:
+        raise UserError(problems, THRESHOLD_HINT)
+    return data

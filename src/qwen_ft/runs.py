@@ -38,6 +38,7 @@ from qwen_ft.outputs import (
 )
 from qwen_ft.run_checks import (
     ADAPTER_HINT,
+    THRESHOLD_HINT,
     check_adapter_files,
     check_mapping_against_splits,
     labels_digest,
@@ -52,7 +53,6 @@ EVAL = "eval.json"  # an eval folder's report, written last: it marks a whole ev
 PREDICTIONS = "predictions.jsonl"
 CALIBRATION = "calibration.json"  # the temperature of `qwen-ft validate --calibrate`
 THRESHOLD = "threshold.json"  # the abstention threshold of `qwen-ft validate --fit-threshold`
-THRESHOLD_HINT = "threshold.json is written by `qwen-ft validate --fit-threshold`: run it again, or remove the file."
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ class RunDir:
 
     def calibration(self) -> dict | None:
         """calibration.json (the fitted temperature), checked; None when the folder has none."""
-        from qwen_ft.inference.calibration import check
+        from qwen_ft.run_checks import check_calibration as check
 
         path = self.path / CALIBRATION
         if not path.is_file():
@@ -310,7 +310,7 @@ class RunDir:
 
     def threshold(self) -> dict | None:
         """threshold.json (the confidence below which predict and serve abstain), checked; None when absent."""
-        from qwen_ft.selective import check_threshold
+        from qwen_ft.run_checks import check_threshold
 
         path = self.path / THRESHOLD
         if not path.is_file():

@@ -108,33 +108,3 @@ class Abstention:
         if p is None or p >= self.threshold:
             return {**result, "abstained": False}
         return {**result, "pred": self.fallback, "model_label": result["pred"], "abstained": True}
-
-
-def check_threshold(data, path) -> dict:
-    """A threshold.json as read (untrusted): a threshold in [0, 1] and the scoring it was fitted for."""
-    from qwen_ft.errors import UserError
-    from qwen_ft.runs import THRESHOLD_HINT
-
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is not a JSON object", THRESHOLD_HINT)
-    problems = []
-    t = data.get("threshold")
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t <= 1:
-        problems.append(f"{path}: threshold must be a probability in [0, 1] (got {t!r})")
-    if data.get("decode") not in ("constrained", "exact", "head"):
-        problems.append(f"{path}: decode must be constrained, exact or head (got {data.get('decode')!r})")
-    if data.get("normalize") not in ("none", "token", "char"):
-        problems.append(f"{path}: normalize must be none, token or char (got {data.get('normalize')!r})")
-    from qwen_ft.inference.calibration import T_BOUNDS
-
-    temp = data.get("temperature")
-    if temp is not None and (isinstance(temp, bool) or not isinstance(temp, (int, float)) or not math.isfinite(temp)
-                             or not T_BOUNDS[0] <= temp <= T_BOUNDS[1]):
-        problems.append(f"{path}: temperature must be null or a number in [{T_BOUNDS[0]:g}, {T_BOUNDS[1]:g}] "
-                        f"(got {temp!r})")
-    scale = data.get("adapter_scale", 1.0)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= 1:
-        problems.append(f"{path}: adapter_scale must be a number in [0, 1] (got {scale!r})")
-    if problems:
-        raise UserError(problems, THRESHOLD_HINT)
-    return data

@@ -15,7 +15,7 @@ def run_train(user: dict, resume: bool = False, overwrite: bool = False, model_h
 
 
 def add_parser(sub, name: str) -> None:
-    from qwen_ft.cli import add_config_flags, user_layers
+    from qwen_ft.config_flags import add_config_flags, user_layers
 
     p = sub.add_parser(name, help="LoRA-train a model to generate labels; writes a run folder.")
     p.add_argument("--config", help="YAML file with sections model/data/lora/optim/train.")

@@ -93,8 +93,8 @@ def check_flags(model_path: str, *, batch_size: int, num_samples: int | None, de
                 perturb_seed: int | None, fit_threshold: bool, target_accuracy: float | None):
     """Every problem with the flags and the folder at once; returns (the parsed --perturb or None, the run, or
     None for a merged model folder)."""
-    from qwen_ft.data.perturb import parse_perturbation
     from qwen_ft.inference.load import is_merged_folder
+    from qwen_ft.perturb import parse_perturbation
 
     p = Problems()
     p.check(batch_size > 0, f"--batch-size must be > 0 (got {batch_size})")
@@ -167,7 +167,7 @@ def run_validate(model_path: str, split: str = "validation", num_samples: int | 
                  perturb_seed: int | None = None, calibrate: bool = False, slice_by: list[str] | None = None,
                  fit_threshold: bool = False, target_accuracy: float | None = None,
                  adapter_scale: float = 1.0) -> dict:
-    from qwen_ft.data.perturb import perturb_rows
+    from qwen_ft.perturb import perturb_rows
 
     dist.select_gpu(gpu_id)
     data_columns = (text_column, label_column, hub_split)

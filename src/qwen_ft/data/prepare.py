@@ -10,7 +10,6 @@ from pathlib import Path
 
 from qwen_ft.config import DataArgs, seed_problem
 from qwen_ft.data import dedup
-from qwen_ft.data.perturb import augment_rows
 from qwen_ft.data.sources import DEMOS, describe, is_hub, read_records
 from qwen_ft.data.splits import (
     hold_out_groups,
@@ -21,6 +20,7 @@ from qwen_ft.data.splits import (
     split_rows,
 )
 from qwen_ft.errors import Problems, UserError
+from qwen_ft.perturb import augment_rows
 from qwen_ft.tasks import TASKS, Task, detect_task
 
 log = logging.getLogger(__name__)

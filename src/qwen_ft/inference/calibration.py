@@ -19,15 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from qwen_ft.errors import UserError
+from qwen_ft.run_checks import T_BOUNDS  # the temperatures fitted and accepted
 
 log = logging.getLogger(__name__)
 
 N_BINS = 15
-# The temperatures fitted and accepted. Scores are logits or log-probabilities a few units apart: below 0.05
-# a 0.3 gap becomes a factor of 400 (every probability rounds to 0 or 1), above 20 a 10-unit gap becomes 1.6
-# (near uniform). Fitted temperatures measured on our runs lie in 1.0-1.5; a calibration.json outside this
-# range is damaged or hostile, never a fit (5e-324 would make every probability NaN).
-T_BOUNDS = (0.05, 20.0)
 
 
 # ----------------------------------------------------------------------------- scores
@@ -171,26 +167,6 @@ def summary(scores: list[dict], golds: list[str], correct: list[bool], temperatu
         raw_ece, raw_bins = reliability(confidences(values), correct)
         out.update({"ece_raw": raw_ece, "nll_raw": round(nll(values, gold), 6), "bins_raw": raw_bins})
     return out
-
-
-def check(data, path: Path) -> dict:
-    """A calibration.json as read: a dict with a positive finite temperature and the scoring it was fitted
-    for; anything else is one UserError."""
-    hint = "calibration.json is written by `qwen-ft validate --calibrate`: run it again, or remove the file."
-    problems = []
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is not a JSON object", hint)
-    t = data.get("temperature")
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) \
-            or not T_BOUNDS[0] <= t <= T_BOUNDS[1]:
-        problems.append(f"{path}: temperature must be a number in [{T_BOUNDS[0]:g}, {T_BOUNDS[1]:g}] (got {t!r})")
-    if data.get("decode") not in ("constrained", "exact", "head"):
-        problems.append(f"{path}: decode must be constrained, exact or head (got {data.get('decode')!r})")
-    if data.get("normalize") not in ("none", "token", "char"):
-        problems.append(f"{path}: normalize must be none, token or char (got {data.get('normalize')!r})")
-    if problems:
-        raise UserError(problems, hint)
-    return data
 
 
 # ----------------------------------------------------------------------------- figure

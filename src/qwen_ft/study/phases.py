@@ -176,7 +176,7 @@ def data_phase(study: Study) -> dict:
         train, tune_rows = carve_tune(prepared.splits["train"], cfg.protocol.tune_rows, cfg.seed,
                                       stratify=prepared.task.name == "category")
         if augment:
-            from qwen_ft.data.perturb import augment_rows
+            from qwen_ft.perturb import augment_rows
 
             train = augment_rows(train, augment, cfg.seed)
         splits = {"train": train, "tune": tune_rows, "validation": prepared.splits["validation"],
