@@ -8,7 +8,6 @@ and the study folder); a killed worker's trial is taken over when its heartbeat 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -92,6 +91,19 @@ def fmt_params(params: dict) -> str:
 
 # ----------------------------------------------------------------------------- Optuna: storage and queue
 
+def storage_url(url: str) -> str:
+    """`postgresql://...` through psycopg (v3, the `postgres` extra) when psycopg2, SQLAlchemy's default driver for
+    that scheme, is not installed."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg2") is None:
+        if importlib.util.find_spec("psycopg") is None:
+            raise UserError(f"protocol.storage {url.split('@')[-1]!r} needs a PostgreSQL driver, and none is installed",
+                            "pip install 'qwen-ft[postgres]' (psycopg), or use a sqlite:/// storage.")
+        return "postgresql+psycopg://" + url[len("postgresql://"):]
+    return url
+
+
 def open_storage(study: Study):
     import warnings
 
@@ -101,19 +113,22 @@ def open_storage(study: Study):
     # killed worker's trial recoverable, so use them without a warning on every call
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-    url = study.cfg.protocol.storage or f"sqlite:///{study.folder.optuna_db.resolve()}"
+    from filelock import FileLock
+
+    url = storage_url(study.cfg.protocol.storage or f"sqlite:///{study.folder.optuna_db.resolve()}")
     # SQLite: workers that open or write the file at once wait for its lock (sqlite3's default 5 s ran out
     # for a second worker on a loaded machine: "database is locked")
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
-    opening = contextlib.nullcontext()
+    # workers that start together would each create the schema, and one of them fail on the other's tables
+    # ("table alembic_version already exists", "database is locked", a duplicate key on a server): one opens it
+    # at a time, through a lock in the folder they share (the SQLite file's, or the study folder)
     if url.startswith("sqlite:///"):
-        from filelock import FileLock
-
         db = Path(url[len("sqlite:///"):])
         db.parent.mkdir(parents=True, exist_ok=True)
-        # workers that start together would each create the schema, and one of them fail on the other's
-        # tables ("table alembic_version already exists", or "database is locked"): one opens it at a time
         opening = FileLock(str(db.parent / f".{db.name}.open.lock"), timeout=300)
+    else:
+        study.folder.optuna_db.parent.mkdir(parents=True, exist_ok=True)
+        opening = FileLock(str(study.folder.optuna_db.parent / ".storage.open.lock"), timeout=300)
     try:
         with opening:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
