@@ -81,7 +81,7 @@ def merge_run(run_path: str | os.PathLike, output_dir: str | os.PathLike, dtype:
 def _merge(run: RunDir, cfg: TrainConfig, base: str, tmp: Path, out: Path, dtype: str, verify_samples: int,
            tolerance: float, trust_remote_code: bool) -> dict:
     base_config = load_config(base, trust_remote_code)
-    check_adapter_matches(run.path, base_config)
+    check_adapter_matches(run.path, base_config, run.recorded("base_shape") or {})
     save_dtype = DTYPES[dtype] if dtype != "auto" else _config_dtype(base_config)
 
     tokenizer = load_tokenizer(str(run.path), trust_remote_code, padding_side="left")

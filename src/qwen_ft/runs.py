@@ -4,7 +4,8 @@ staged folder) is outputs.py's; the checks of what is read are run_checks.py's.
 
 Layout (see README):
     config.yaml            fully resolved training config (config.hash: its digest, for --resume)
-    run.json               base model, parameter count, preset, batch sizes, versions, git commit
+    run.json               base model, parameter count, preset, batch sizes, versions, git commit, the SHA-256
+                           of the input files and base weights (input_files, base_model_files)
     label_mapping.json     task, labels, prompt template
     split/{train,validation,test}.jsonl   the exact rows of each split
     metrics.jsonl          one line per logging step ("step") and per epoch ("epoch")
@@ -227,6 +228,17 @@ class RunDir:
 
     def info(self) -> dict:
         return self._json(self.path / RUN_MARKER, "run.json is written by `qwen-ft train`; retrain the run.")
+
+    def recorded(self, key: str):
+        """A key of run.json; None without run.json (merged folders copy it) or without the key (older runs)."""
+        return self.info().get(key) if self.started else None
+
+    def warn_if_data_changed(self, what: str) -> None:
+        """A warning for each data file whose content differs from the one the run was trained on."""
+        from qwen_ft.provenance import data_changes
+
+        for level, line in data_changes(self.recorded("input_files")):
+            log.log(level, "%s: %s", what, line)
 
     def write_info(self, info: dict) -> None:
         """run.json (its "written_by" is outputs.written_by_us's proof that the folder is ours)."""

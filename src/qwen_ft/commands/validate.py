@@ -129,6 +129,7 @@ def rows_to_score(clf: Classifier, run: RunDir | None, model_path: str, split: s
     elif run is None:
         raise UserError(f"{model_path} is a merged model folder, which holds no splits", "Pass --data FILE.")
     else:
+        run.warn_if_data_changed(f"--split {split}")
         rows = run.split(split)
     clf.check_rows(rows)  # e.g. more choices than the run has letters: before the label check, clearer
     rows, skipped = known_label_rows(rows, clf.labels, skip_unknown_labels)

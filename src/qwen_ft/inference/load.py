@@ -89,7 +89,8 @@ def _load_weights(folder: Path, merged: bool, cfg, dtype: torch.dtype, head: dic
                            **head)
         return model, model_path
     model_path = resolve_model(base_model or cfg.model.model)
-    check_adapter_matches(folder, load_config(model_path, trust_remote_code))
+    recorded_shape = RunDir(folder).recorded("base_shape") or {}
+    check_adapter_matches(folder, load_config(model_path, trust_remote_code), recorded_shape)
     model = load_model(model_path, dtype, dist.device(), cfg.model.attn_implementation, trust_remote_code, **head)
     if adapter:
         model = load_adapter(model, folder, merge=True, scale=adapter_scale)

@@ -13,11 +13,20 @@ from qwen_ft import distributed as dist
 from qwen_ft import optimizers
 from qwen_ft.config import TrainConfig, config_hash, preset_for, resolve
 from qwen_ft.data.prepare import Prepared, prepare
-from qwen_ft.data.sources import is_hub
+from qwen_ft.data.sources import DEMOS, demo_path, is_hub
 from qwen_ft.encoding import PromptEncoder
 from qwen_ft.errors import ConfigDiffersError, Problems, UserError
-from qwen_ft.models import base_shape, check_attention, count_parameters, load_config, resolve_model
+from qwen_ft.models import (
+    EMBEDDED,
+    base_shape,
+    check_attention,
+    count_parameters,
+    embedded_gguf,
+    load_config,
+    resolve_model,
+)
 from qwen_ft.outputs import OutputPlan, plan_output
+from qwen_ft.provenance import data_records, model_record
 from qwen_ft.runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -30,6 +39,7 @@ class Resolved:
     n_params: int
     preset: str
     base_shape: dict
+    input_files: dict = dataclasses.field(default_factory=dict)  # run.json's: the digests of the files read
 
 
 def resolve_config(cfg: TrainConfig | dict) -> Resolved:
@@ -106,7 +116,22 @@ def check_inputs(cfg: TrainConfig | dict, resume: bool, overwrite: bool, prepare
         p.check(not differs, f"--resume: the config differs from the unfinished run in {out}; "
                 f"use the same flags as before (see {plan.work / 'config.yaml'}), or --overwrite")
     p.raise_if_any(error=ConfigDiffersError if differs else UserError)
+    # hashed as soon as read: a file edited while the run trains must not pass for the one trained on
+    r.input_files = data_records({flag: demo_path(s) if s in DEMOS else s for flag, s in reads.items()
+                                  if flag != "--model"})
     return r, prepared, plan
+
+
+def base_model_files(r: Resolved) -> dict:
+    """run.json's "base_model_files": the weights the base was loaded from (the embedded alias: its converted
+    copy and the GGUF shipped in its package), and its hub revision."""
+    name = r.config.model.model
+    folder = Path(r.model_path) if Path(r.model_path).is_dir() else None
+    try:
+        extra = (embedded_gguf(name),) if name in EMBEDDED else ()
+    except UserError:  # the package was removed after the conversion: the converted copy alone
+        extra = ()
+    return model_record(name, folder, extra)
 
 
 def encoded_splits(encoder: PromptEncoder, prepared: Prepared, cache: dict | None, head_pad: int | None):

@@ -40,7 +40,7 @@ from qwen_ft.training.callbacks import (
     StepTimer,
     strip_default_printing,
 )
-from qwen_ft.training.inputs import Resolved, check_inputs, encoded_splits
+from qwen_ft.training.inputs import Resolved, base_model_files, check_inputs, encoded_splits
 from qwen_ft.training.trainer import (
     SeededTrainer,
     tracker_environment,
@@ -340,6 +340,7 @@ def _write_run_start(run: RunDir, r: Resolved, prepared: Prepared, precision: st
             "truncated_prompts": n_truncated, "command": " ".join(sys.argv),
             **({"split_groups": prepared.groups} if prepared.groups else {}),
             **({"near_duplicates": prepared.screen} if prepared.screen else {}),
-            "labels_sha256": labels_digest(prepared.task.labels), **env_info(),
+            "labels_sha256": labels_digest(prepared.task.labels), "input_files": r.input_files,
+            "base_model_files": base_model_files(r), **env_info(),
         })
         staged.write_metrics([])
